@@ -1,0 +1,1 @@
+"""jaxllm: train large language models from scratch in JAX."""

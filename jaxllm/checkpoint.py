@@ -1,0 +1,175 @@
+"""Checkpoints: the train state and the data iterator's state in one Orbax step, and parameter-only
+checkpoints (converted models) that carry their model config and tokenizer.
+
+Layouts:
+  run workdir:        <workdir>/config.json, <workdir>/tokenizer.model, <workdir>/checkpoints/<step>/{state,data}
+  converted / export: <dir>/model_config.json, <dir>/tokenizer.model, <dir>/params/
+`load_params(path)` accepts any of: a workdir (its newest step), one step's directory, or a converted dir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxllm import config as config_lib
+from jaxllm.config import ModelConfig
+from jaxllm.model.spec import abstract_params
+
+MODEL_CONFIG_FILE = "model_config.json"
+RUN_CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's arrays do not have the shapes the config expects."""
+
+
+def _shape_mismatches(saved_tree, abstract_tree) -> list[str]:
+    saved = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved_tree)}
+    wanted = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_tree)}
+    problems = [f"{k}: checkpoint {saved[k]} vs config {wanted[k]}" for k in sorted(saved.keys() & wanted.keys())
+                if saved[k] != wanted[k]]
+    problems += [f"{k}: in the config but not in the checkpoint" for k in sorted(wanted.keys() - saved.keys())]
+    problems += [f"{k}: in the checkpoint but not in the config" for k in sorted(saved.keys() - wanted.keys())]
+    return problems
+
+
+class RunCheckpointer:
+    """Orbax CheckpointManager over <workdir>/checkpoints: async saves, keep-N, resume from the newest."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict | None) -> None:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state) -> tuple[dict, dict | None]:
+        """abstract_state: ShapeDtypeStructs with shardings; arrays come back already sharded."""
+        meta = self.manager.item_metadata(step)["state"]
+        problems = _shape_mismatches(getattr(meta, "tree", meta), abstract_state)
+        if problems:
+            raise CheckpointMismatchError(f"{self.directory / str(step)} does not match the config:\n  "
+                                          + "\n  ".join(problems))
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if (self.directory / str(step) / "data").exists():
+            items["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], restored.get("data") if "data" in items else None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameter-only checkpoints and resolving a --checkpoint argument.
+
+def save_params(out_dir: str, params, model_cfg: ModelConfig, tokenizer_path: str | None = None) -> str:
+    """Writes params (Orbax), the model config and the tokenizer, so the directory stands alone."""
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(model_cfg), indent=2))
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
+    params_dir = out / "params"
+    if params_dir.exists():
+        shutil.rmtree(params_dir)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(params_dir, params)
+    return str(out)
+
+
+def _model_config_of_run(workdir: Path) -> ModelConfig:
+    run_cfg = json.loads((workdir / RUN_CONFIG_FILE).read_text())
+    return config_lib.model_config_from_dict(run_cfg["model"])
+
+
+def resolve(path: str) -> dict:
+    """What a --checkpoint path points at: {kind, model_cfg, tokenizer, params_dir|step_dir}."""
+    p = Path(path).absolute()
+    if (p / MODEL_CONFIG_FILE).exists() and (p / "params").exists():
+        model_cfg = config_lib.model_config_from_dict(json.loads((p / MODEL_CONFIG_FILE).read_text()))
+        tok = p / TOKENIZER_FILE
+        return {"kind": "params", "model_cfg": model_cfg, "params_dir": p / "params",
+                "tokenizer": str(tok) if tok.exists() else None}
+    if (p / RUN_CONFIG_FILE).exists() and (p / "checkpoints").exists():
+        steps = sorted(int(s.name) for s in (p / "checkpoints").iterdir() if s.name.isdigit())
+        if not steps:
+            raise FileNotFoundError(f"{p / 'checkpoints'}: the run has no checkpoint yet")
+        workdir, step_dir = p, p / "checkpoints" / str(steps[-1])
+    elif (p / "state").exists() and p.name.isdigit() and (p.parent.parent / RUN_CONFIG_FILE).exists():
+        workdir, step_dir = p.parent.parent, p
+    else:
+        raise FileNotFoundError(f"{p}: not a jaxllm checkpoint (expected a run workdir with config.json and "
+                                f"checkpoints/, a step directory inside it, or a converted checkpoint with "
+                                f"{MODEL_CONFIG_FILE} and params/)")
+    tok = workdir / TOKENIZER_FILE
+    return {"kind": "run", "model_cfg": _model_config_of_run(workdir), "step_dir": step_dir,
+            "tokenizer": str(tok) if tok.exists() else None}
+
+
+def load_params(path: str, shardings=None) -> tuple[dict, ModelConfig, str | None]:
+    """(params, model_cfg, tokenizer_path) from any checkpoint a command accepts. `shardings`, a tree
+    matching the params, places them directly; by default they land on the default device."""
+    info = resolve(path)
+    model_cfg = info["model_cfg"]
+    abstract = abstract_params(model_cfg)
+    if shardings is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    if info["kind"] == "params":
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(info["params_dir"])
+            meta = getattr(meta, "item_metadata", meta)
+            problems = _shape_mismatches(getattr(meta, "tree", meta), abstract)
+            if problems:
+                raise CheckpointMismatchError(f"{info['params_dir']} does not match its model config:\n  "
+                                              + "\n  ".join(problems))
+            params = ckptr.restore(info["params_dir"], abstract)
+    else:
+        # Restore only the params subtree of the train state: the optimizer state is not needed.
+        state_dir = info["step_dir"] / "state"
+        with ocp.PyTreeCheckpointer() as ckptr:
+            restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                                                       dtype=a.dtype)
+                                        if getattr(a, "sharding", None) is not None
+                                        else ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+            restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+                item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
+            params = restored["params"]
+        params = jax.tree.map(jax.numpy.asarray, params)
+    logging.info("loaded %s checkpoint %s", info["kind"], path)
+    return params, model_cfg, info["tokenizer"]
+
+
+def import_hf(hf_dir: str, out_dir: str) -> str:
+    """Hugging Face Llama directory -> standalone jaxllm checkpoint (params, model config, tokenizer)."""
+    from jaxllm.model.convert import from_hf
+    params, model_cfg = from_hf(hf_dir)
+    tok = Path(hf_dir) / TOKENIZER_FILE
+    return save_params(out_dir, params, model_cfg, str(tok) if tok.exists() else None)
+
+
+def export_hf(checkpoint: str, out_dir: str) -> str:
+    """Any jaxllm checkpoint -> Hugging Face Llama directory that transformers loads."""
+    from jaxllm.model.convert import to_hf
+    params, model_cfg, tokenizer = load_params(checkpoint)
+    return to_hf(params, model_cfg, out_dir, tokenizer_path=tokenizer)

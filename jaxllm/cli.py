@@ -1,0 +1,160 @@
+"""`jaxllm <command>`: parses flags and calls library functions; nothing else lives here.
+
+Training-like commands take `--config=configs/<file>.py[:arg]` plus `--config.a.b=value` overrides
+(ml_collections config_flags); tool-like commands take plain flags. `--help` works on every command.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+
+COMMANDS = {
+    "train": "train a model from a config file (configs/*.py)",
+    "tokenizer": "train a SentencePiece tokenizer",
+    "convert": "convert between Hugging Face Llama checkpoints and jaxllm checkpoints",
+    "quickstart": "the main job: tokenizer + tiny LM on the built-in corpora, offline, on a CPU",
+}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    for noisy in ("absl", "jax._src", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def load_config(argv: list[str]):
+    """Parses --config=... and --config.x=... overrides into a validated Config."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from jaxllm.config import ConfigError, from_config_dict
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file, optionally with :arg (get_config(arg))",
+                                    flag_values=values, lock_config=True)
+    try:
+        values(["jaxllm"] + argv)
+    except (flags.Error, KeyError, AttributeError) as e:
+        raise ConfigError(_explain_override_error(e, values)) from None
+    if values.config is None:
+        raise ConfigError("--config=configs/<file>.py is required")
+    return from_config_dict(values.config)
+
+
+def _explain_override_error(error: Exception, values) -> str:
+    """ml_collections reports an unknown override as a bare KeyError; name the field and suggest fields."""
+    text = str(error).strip("'\"")
+    config = getattr(values, "config", None) if hasattr(values, "config") else None
+    if config is None:
+        return text
+    fields = list(_dotted_fields(config.to_dict()))
+    unknown = [a.split("=", 1)[0][len("--config."):] for a in sys.argv if a.startswith("--config.")]
+    unknown = [u for u in unknown if u not in fields]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], fields, n=3, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        return f"unknown config field {unknown[0]!r}{hint}"
+    return text
+
+
+def _dotted_fields(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        yield prefix + k
+        if isinstance(v, dict):
+            yield from _dotted_fields(v, prefix + k + ".")
+
+
+def cmd_train(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: jaxllm train --config=configs/pretrain.py[:model=tiny] [--config.<field>=<value> ...]\n\n"
+              "Every field of the config file can be overridden; see the file's comments for what each does.")
+        return 0
+    from jaxllm.trainer import train
+    cfg = load_config(argv)
+    result = train(cfg)
+    logging.info("done: step %d, %s", result["step"],
+                 ", ".join(f"{k}={v:.4f}" for k, v in result.items() if k.startswith("eval/")))
+    return 0
+
+
+def cmd_tokenizer(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm tokenizer", description="SentencePiece tokenizers")
+    sub = parser.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("train", help="train a SentencePiece BPE model with byte fallback")
+    p.add_argument("--input", action="append", required=True,
+                   help="text file, directory, glob, .jsonl or builtin:NAME; repeat for several")
+    p.add_argument("--out", required=True, help="output directory (tokenizer.model, tokenizer.vocab)")
+    p.add_argument("--vocab_size", type=int, default=8000, help="number of pieces")
+    p.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece algorithm")
+    p.add_argument("--character_coverage", type=float, default=0.9995,
+                   help="share of characters covered by pieces; the rest fall back to bytes (Chinese: 0.9995)")
+    p.add_argument("--user_defined_symbols", default="", help="comma-separated pieces kept whole, e.g. <|im_start|>")
+    p.add_argument("--jsonl_field", default="text", help="text field of .jsonl inputs")
+    p.add_argument("--text_split", default="line", choices=["line", "paragraph", "file"],
+                   help="what a document is in .txt inputs")
+    args = parser.parse_args(argv)
+    from jaxllm.data import load_documents
+    from jaxllm.tokenizer import train_tokenizer
+    docs = load_documents(args.input, jsonl_field=args.jsonl_field, text_split=args.text_split)
+    symbols = tuple(s for s in args.user_defined_symbols.split(",") if s)
+    tok = train_tokenizer(docs, out_dir=args.out, vocab_size=args.vocab_size, model_type=args.model_type,
+                          character_coverage=args.character_coverage, user_defined_symbols=symbols)
+    print(f"wrote {tok.path} ({tok.vocab_size} pieces, trained on {len(docs)} documents)")
+    return 0
+
+
+def cmd_convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm convert", description="Hugging Face <-> jaxllm checkpoints")
+    sub = parser.add_subparsers(dest="direction", required=True)
+    p = sub.add_parser("from-hf", help="Hugging Face Llama (config.json + safetensors) -> jaxllm checkpoint")
+    p.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors")
+    p.add_argument("--out", required=True, help="jaxllm checkpoint directory to write")
+    p = sub.add_parser("to-hf", help="jaxllm checkpoint -> Hugging Face Llama directory")
+    p.add_argument("--checkpoint", required=True, help="run workdir, step directory or converted checkpoint")
+    p.add_argument("--out", required=True, help="Hugging Face directory to write")
+    args = parser.parse_args(argv)
+    from jaxllm.checkpoint import export_hf, import_hf
+    out = import_hf(args.hf_dir, args.out) if args.direction == "from-hf" else export_hf(args.checkpoint, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_quickstart(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm quickstart", description=COMMANDS["quickstart"])
+    parser.add_argument("--workdir", default="runs/quickstart", help="where the run writes everything")
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--vocab_size", type=int, default=8000, help="tokenizer vocabulary")
+    args = parser.parse_args(argv)
+    from jaxllm.quickstart import run_quickstart
+    run_quickstart(args.workdir, steps=args.steps, vocab_size=args.vocab_size)
+    return 0
+
+
+HANDLERS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "convert": cmd_convert, "quickstart": cmd_quickstart}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: jaxllm <command> [flags]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<12} {text}")
+        print("\n`jaxllm <command> --help` lists a command's flags.")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in HANDLERS:
+        close = difflib.get_close_matches(command, HANDLERS, n=1)
+        print(f"jaxllm: unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+              file=sys.stderr)
+        return 2
+    _setup_logging()
+    from jaxllm.config import ConfigError
+    try:
+        return HANDLERS[command](rest)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        # A user error: say what and where, without a traceback from deep inside JAX.
+        print(f"jaxllm {command}: error: {e}", file=sys.stderr)
+        return 1

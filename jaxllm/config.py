@@ -1,0 +1,250 @@
+"""Frozen, validated configuration dataclasses, built once from an ml_collections ConfigDict.
+
+Config files (`configs/*.py`) are the user-facing surface; everything below the entry point receives these
+dataclasses and never calls `config.get(...)`. A bad value fails at start-up with the field's dotted name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, Mapping
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Fast CPU tests and the main job: a few hundred thousand parameters.
+    "tiny": dict(vocab_size=1024, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 mlp_dim=192, max_seq_len=512),
+    "125m": dict(vocab_size=32000, d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, head_dim=64,
+                 mlp_dim=2048, max_seq_len=2048),
+    "tinyllama-1.1b": dict(vocab_size=32000, d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4,
+                           head_dim=64, mlp_dim=5632, max_seq_len=2048, norm_eps=1e-5),
+    "llama2-7b": dict(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                      head_dim=128, mlp_dim=11008, max_seq_len=4096, norm_eps=1e-5),
+}
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "dots", "attn_out")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or inconsistent; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-style decoder. Parameter shapes are derived from these fields in `model/spec.py`."""
+    vocab_size: int = 1024          # 0 = take the tokenizer's size at start-up
+    d_model: int = 64               # residual stream width
+    num_layers: int = 2
+    num_heads: int = 4              # query heads
+    num_kv_heads: int = 2           # = num_heads: MHA; 1: MQA; between: GQA
+    head_dim: int = 16
+    mlp_dim: int = 192              # SwiGLU hidden width
+    max_seq_len: int = 512          # longest position the model is used at (ALiBi/RoPE need no table)
+    position: str = "rope"          # "rope" or "alibi"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False    # share the input embedding with the output head
+    init_std: float = 0.02
+    param_dtype: str = "float32"    # storage and optimizer precision
+    compute_dtype: str = "float32"  # matmul precision ("bfloat16" on accelerators)
+    attention_impl: str = "auto"    # "xla" | "cudnn" | "splash" | "auto" (per platform)
+    remat: str = "none"             # "none" | "full" | "dots" | "attn_out"
+    scan_layers: bool = True        # lax.scan over stacked layers (fast compile) or a Python loop
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}{_suggest(name, PRESETS)}; known: {sorted(PRESETS)}")
+        return build(cls, {**PRESETS[name], **overrides}, "model")
+
+    def validate(self, where: str = "model") -> None:
+        _check(self.num_heads % self.num_kv_heads == 0, f"{where}.num_heads ({self.num_heads}) must be "
+               f"divisible by {where}.num_kv_heads ({self.num_kv_heads})")
+        _check(self.position in ("rope", "alibi"), f"{where}.position must be 'rope' or 'alibi', got {self.position!r}")
+        _check(self.position == "alibi" or self.head_dim % 2 == 0, f"{where}.head_dim must be even for RoPE")
+        _check(self.attention_impl in ATTENTION_IMPLS,
+               f"{where}.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        _check(not (self.position == "alibi" and self.attention_impl == "splash"),
+               f"{where}.attention_impl='splash' takes no bias, so it cannot run ALiBi; use 'xla' or 'cudnn'")
+        _check(self.remat in REMAT_POLICIES, f"{where}.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        for name in ("param_dtype", "compute_dtype"):
+            _check(getattr(self, name) in ("float32", "bfloat16", "float16"),
+                   f"{where}.{name} must be float32, bfloat16 or float16")
+        for name in ("vocab_size",):
+            _check(getattr(self, name) >= 0, f"{where}.{name} must be >= 0")
+        for name in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len"):
+            _check(getattr(self, name) > 0, f"{where}.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where documents come from and how they become packed rows."""
+    sources: tuple[str, ...] = ()   # files, directories, globs, or builtin:NAME (see data/sources.py)
+    eval_sources: tuple[str, ...] = ()  # held-out documents; empty = hold out eval_fraction of `sources`
+    eval_fraction: float = 0.01
+    seq_len: int = 256              # tokens per packed row
+    jsonl_field: str = "text"       # field holding the text in .jsonl files
+    text_split: str = "line"        # documents in .txt files: "line", "paragraph" (blank line) or "file"
+    add_bos: bool = True
+    add_eos: bool = True
+
+    def validate(self, where: str = "data") -> None:
+        _check(self.seq_len > 1, f"{where}.seq_len must be > 1")
+        _check(0.0 <= self.eval_fraction < 1.0, f"{where}.eval_fraction must be in [0, 1)")
+        _check(self.text_split in ("line", "paragraph", "file"),
+               f"{where}.text_split must be 'line', 'paragraph' or 'file', got {self.text_split!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup, then decay to a floor."""
+    lr: float = 3e-4                # peak learning rate, reached after warmup
+    warmup_steps: int = 100
+    decay: str = "cosine"           # "cosine" | "linear" | "constant" after warmup
+    decay_steps: int = 0            # steps of decay after warmup; 0 = until train.steps
+    min_lr_ratio: float = 0.1       # floor as a fraction of lr
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1       # never applied to norm scales or biases
+    decay_embeddings: bool = False  # apply weight decay to the embedding / output head too
+    clip_norm: float = 1.0          # global gradient-norm clip; 0 disables
+    grad_accum_steps: int = 1       # micro-batches per optimizer step (batch is split inside the step)
+
+    def validate(self, where: str = "optim") -> None:
+        _check(self.decay in ("cosine", "linear", "constant"), f"{where}.decay must be cosine, linear or constant")
+        _check(self.lr > 0, f"{where}.lr must be > 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{where}.min_lr_ratio must be in [0, 1]")
+        _check(self.warmup_steps >= 0 and self.decay_steps >= 0, f"{where}.warmup_steps/decay_steps must be >= 0")
+        _check(self.grad_accum_steps >= 1, f"{where}.grad_accum_steps must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh and the rules mapping logical axis names to mesh axes."""
+    data: int = -1                  # pure data parallelism; -1 = the devices left over
+    fsdp: int = 1                   # parameters and optimizer state sharded, batch too
+    tensor: int = 1                 # heads / mlp / vocab split across devices
+    # (logical axis, mesh axis or axes or None). Model code names only the logical side.
+    rules: tuple = (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("act_embed", None),        # the residual stream of activations (its batch already uses fsdp)
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("layers", None),
+    )
+
+    def validate(self, where: str = "mesh") -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        _check(all(s == -1 or s > 0 for s in sizes), f"{where}: sizes must be positive or -1")
+        _check(sum(s == -1 for s in sizes) <= 1, f"{where}: at most one of data/fsdp/tensor may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: how long, how big, how often to log, evaluate and save."""
+    steps: int = 1000
+    batch_size: int = 8             # global batch in packed rows (split across processes and devices)
+    seed: int = 0                   # parameter init and data order
+    z_loss: float = 0.0             # weight of log(Z)^2, keeps the softmax normaliser near 1
+    log_every: int = 10
+    eval_every: int = 100           # 0 disables periodic evaluation
+    eval_batches: int = 8
+    save_every: int = 100           # 0 = only at the end
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    peak_tflops: float = 0.0        # per-device peak for MFU; 0 = guess from the device kind
+
+    def validate(self, where: str = "train") -> None:
+        _check(self.steps > 0 and self.batch_size > 0, f"{where}.steps and {where}.batch_size must be > 0")
+        _check(self.log_every > 0, f"{where}.log_every must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run. `workdir` holds everything it writes (DESIGN.md, Workdir)."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+    workdir: str = ""
+    tokenizer: str = ""             # path to a SentencePiece tokenizer.model; empty = train one on data.sources
+    tokenizer_vocab_size: int = 8000  # vocabulary of the tokenizer trained when `tokenizer` is empty
+    init_from: str = ""             # checkpoint or Hugging Face dir to start from (params only)
+
+    def validate(self) -> "Config":
+        _check(bool(self.workdir), "workdir must be set (--config.workdir=...)")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "validate"):
+                value.validate(f.name)
+        _check(self.train.batch_size % self.optim.grad_accum_steps == 0,
+               f"train.batch_size ({self.train.batch_size}) must be divisible by optim.grad_accum_steps "
+               f"({self.optim.grad_accum_steps})")
+        _check(self.data.seq_len <= self.model.max_seq_len,
+               f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        return self
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def build(cls, values: Mapping[str, Any], where: str = ""):
+    """Builds dataclass `cls` from a nested mapping, rejecting unknown fields with close-match suggestions."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config field {path!r}{_suggest(key, names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = build(hint, value, path)
+        elif hint is tuple or typing.get_origin(hint) is tuple:
+            value = _to_tuple(value)
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif hint in (int, float, str, bool) and not isinstance(value, hint):
+            raise ConfigError(f"config field {path!r} must be {hint.__name__}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _to_tuple(value):
+    if isinstance(value, str):   # a single source given on the command line
+        return (value,) if value else ()
+    if isinstance(value, (list, tuple)):
+        return tuple(_to_tuple(v) if isinstance(v, list) else v for v in value)
+    return value
+
+
+def from_config_dict(config) -> Config:
+    """ConfigDict (or plain dict) -> validated, frozen Config."""
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return build(Config, values).validate()
+
+
+def to_dict(cfg) -> dict:
+    """Dataclass -> JSON-ready dict (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
+    cfg = build(ModelConfig, values, "model")
+    cfg.validate()
+    return cfg

@@ -1,0 +1,118 @@
+"""Where metrics go: metrics.jsonl, TensorBoard, a console progress line, and PNG plots; plus MFU."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+
+# Dense bf16 peak per chip, TFLOP/s (vendor datasheets). Used for MFU when train.peak_tflops is 0.
+_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "v5e": 197.0, "v5 lite": 197.0, "v5p": 459.0,
+                "v4": 275.0, "v6": 918.0, "l4": 121.0, "a10": 125.0}
+
+
+def device_peak_tflops(device: jax.Device | None = None) -> float:
+    """Best-known peak for the device kind; 0 when unknown (CPU), which turns MFU off."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for name, tflops in _PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops
+    return 0.0
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak (PaLM, appendix B)."""
+    if peak_tflops <= 0:
+        return float("nan")
+    return tokens_per_s * flops_per_token / (num_devices * peak_tflops * 1e12)
+
+
+class MetricWriter:
+    """Writes each logged step once to every sink; only process 0 writes files."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            except ImportError:  # TensorBoard is optional: JSONL and PNGs always work
+                logging.warning("tensorboardX is not installed: no TensorBoard event files")
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A console line per log interval: step/total, percent, ETA and the chosen metrics."""
+
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total, self.start_step, self.t0 = total_steps, start_step, time.time()
+
+    def line(self, step: int, values: dict) -> str:
+        done = max(step - self.start_step, 1)
+        eta = (time.time() - self.t0) / done * (self.total - step)
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        return f"[{step:>6d}/{self.total} {100 * step / self.total:5.1f}% eta {eta:6.0f}s] {shown}"
+
+
+def _fmt(v) -> str:
+    v = float(v)
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        return f"{v:.3e}"
+    return f"{v:.4f}"
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(metrics_path: str, out_png: str, keys=("train/loss", "eval/loss"), title: str = "loss") -> str | None:
+    """Draws the named metrics against step into one PNG; returns its path (None if nothing to draw)."""
+    if not os.path.exists(metrics_path):
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for key in keys:
+        points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,266 @@
+"""Hugging Face Llama checkpoints <-> jaxllm params, with every name and shape derived from the spec tree.
+
+One table maps each of our leaf paths to its Hugging Face tensor name and layout; shapes come from
+`param_specs(cfg)`. Conversion walks the spec tree, so a tensor the checkpoint lacks (or has in excess, or
+with the wrong shape) is reported by name. Reads and writes safetensors without torch: bfloat16 tensors
+are read through the `flax` framework of safetensors, since numpy has no bfloat16 of its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxllm.config import ModelConfig, model_config_from_dict
+from jaxllm.model.spec import is_spec, param_specs
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+# Our leaf path -> (HF tensor name, in_dims). HF Linear weights are (out, in); ours put the input axes
+# first. in_dims = how many leading axes of our per-layer shape make up HF's `in` dimension, so that
+# ours = hf.T.reshape(ours_shape) and hf = ours.reshape(prod(in), prod(out)).T. None = same layout.
+_HF_NAMES = {
+    ("embed", "embedding"): ("model.embed_tokens.weight", None),                  # (V, D)
+    ("layers", "attn_norm", "scale"): ("model.layers.{i}.input_layernorm.weight", None),
+    ("layers", "attn", "q"): ("model.layers.{i}.self_attn.q_proj.weight", 1),     # (H*Dh, D) -> (D, H, Dh)
+    ("layers", "attn", "k"): ("model.layers.{i}.self_attn.k_proj.weight", 1),     # (K*Dh, D) -> (D, K, Dh)
+    ("layers", "attn", "v"): ("model.layers.{i}.self_attn.v_proj.weight", 1),     # (K*Dh, D) -> (D, K, Dh)
+    ("layers", "attn", "o"): ("model.layers.{i}.self_attn.o_proj.weight", 2),     # (D, H*Dh) -> (H, Dh, D)
+    ("layers", "mlp_norm", "scale"): ("model.layers.{i}.post_attention_layernorm.weight", None),
+    ("layers", "mlp", "gate"): ("model.layers.{i}.mlp.gate_proj.weight", 1),      # (F, D) -> (D, F)
+    ("layers", "mlp", "up"): ("model.layers.{i}.mlp.up_proj.weight", 1),          # (F, D) -> (D, F)
+    ("layers", "mlp", "down"): ("model.layers.{i}.mlp.down_proj.weight", 1),      # (D, F) -> (F, D)
+    ("final_norm", "scale"): ("model.norm.weight", None),                         # (D,)
+    ("lm_head", "kernel"): ("lm_head.weight", 1),                                 # (V, D) -> (D, V)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    path: tuple[str, ...]          # e.g. ("layers", "attn", "q")
+    names: tuple[str, ...]         # HF tensor names, one per layer for stacked leaves
+    shape: tuple[int, ...]         # our per-layer shape
+    hf_shape: tuple[int, ...]
+    in_dims: int | None
+    stacked: bool                  # has a leading layers axis
+
+    def to_ours(self, hf):         # hf_shape -> shape
+        return hf if self.in_dims is None else hf.T.reshape(self.shape)
+
+    def to_hf(self, ours):         # shape -> hf_shape
+        return ours if self.in_dims is None else ours.reshape(self.hf_shape[::-1]).T
+
+
+def _leaves(cfg: ModelConfig) -> list[_Leaf]:
+    """Every leaf of the spec tree with its HF names and shapes, in tree order."""
+    leaves = []
+    for keypath, spec in jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=is_spec)[0]:
+        path = tuple(k.key for k in keypath)
+        if path not in _HF_NAMES:
+            raise ValueError(f"parameter {'/'.join(path)} has no Hugging Face name; add it to convert._HF_NAMES")
+        template, in_dims = _HF_NAMES[path]
+        stacked = spec.logical_axes[0] == "layers"
+        shape = spec.shape[1:] if stacked else spec.shape
+        names = tuple(template.format(i=i) for i in range(spec.shape[0])) if stacked else (template,)
+        hf_shape = shape if in_dims is None else (math.prod(shape[in_dims:]), math.prod(shape[:in_dims]))
+        leaves.append(_Leaf(path, names, tuple(shape), tuple(hf_shape), in_dims, stacked))
+    return leaves
+
+
+def hf_config_to_model_config(hf_config: dict, path: str | Path = "config.json") -> ModelConfig:
+    """A Hugging Face Llama (or Mistral without sliding window) config.json dict -> ModelConfig.
+
+    Anything this decoder cannot express raises ValueError naming `path`, the field and its value."""
+    def unsupported(field, value, why):
+        raise ValueError(f"{path}: {field} = {value!r} is not supported ({why})")
+
+    arch = (hf_config.get("architectures") or [None])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if hf_config.get("hidden_act", "silu") != "silu":
+        unsupported("hidden_act", hf_config["hidden_act"], "the MLP is SwiGLU: silu only")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf_config.get(field, False):
+            unsupported(field, hf_config[field], "the projections have no biases")
+    if hf_config.get("sliding_window") is not None:
+        unsupported("sliding_window", hf_config["sliding_window"], "attention is full causal")
+    # transformers 5 keeps theta in `rope_parameters` (older files may carry it in `rope_scaling`);
+    # transformers 4 keeps it at the top level with `rope_scaling` null for plain RoPE.
+    theta = hf_config.get("rope_theta", 10000.0)
+    for field in ("rope_parameters", "rope_scaling"):
+        rope = hf_config.get(field)
+        if rope is None:
+            continue
+        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+        extra = set(rope) - {"rope_type", "type", "rope_theta"} if isinstance(rope, dict) else set()
+        if kind != "default" or extra:
+            unsupported(field, rope, "only plain RoPE, rope_type 'default', without scaling")
+        theta = rope.get("rope_theta", theta)
+    heads = hf_config["num_attention_heads"]
+    cfg = dict(
+        vocab_size=hf_config["vocab_size"], d_model=hf_config["hidden_size"],
+        num_layers=hf_config["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=hf_config.get("num_key_value_heads") or heads,
+        head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+        mlp_dim=hf_config["intermediate_size"], max_seq_len=hf_config.get("max_position_embeddings", 2048),
+        position="rope", rope_theta=float(theta), norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
+    try:
+        return model_config_from_dict(cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def model_config_to_hf_config(cfg: ModelConfig) -> dict:
+    """ModelConfig -> a LlamaForCausalLM config.json dict (float32 weights, SentencePiece bos=1/eos=2)."""
+    if cfg.position != "rope":
+        raise ValueError(f"model.position = {cfg.position!r} cannot be exported: Llama uses RoPE")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+        # transformers 4 reads the top-level rope_theta, transformers 5 reads rope_parameters.
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "use_cache": True,
+        "torch_dtype": "float32", "dtype": "float32",   # transformers 4 / 5 spelling
+    }
+
+
+def _weight_map(hf_dir: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (single file or sharded with an index)."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        return {name: hf_dir / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+    single = hf_dir / "model.safetensors"
+    if not single.exists():
+        raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json "
+                         f"(only safetensors checkpoints are read)")
+    with safe_open(single, framework="np") as f:
+        return {name: single for name in f.keys()}
+
+
+def from_hf(hf_dir, dtype=None) -> tuple[dict, ModelConfig]:
+    """Reads a Hugging Face Llama directory -> (params in cfg.param_dtype, cfg).
+
+    dtype overrides param_dtype (default float32). All problems (missing, unexpected, wrongly shaped
+    tensors) are collected and raised together as one ValueError."""
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / "config.json"
+    cfg = hf_config_to_model_config(json.loads(config_path.read_text()), config_path)
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, param_dtype=jnp.dtype(dtype).name)
+    leaves, files = _leaves(cfg), _weight_map(hf_dir)
+    expected = {name for leaf in leaves for name in leaf.names}
+    # Old exports keep RoPE's inv_freq buffer; some write lm_head even when tied. Neither is a parameter.
+    ignored = {n for n in files if n.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and n == "lm_head.weight")}
+    problems = [f"missing tensor {n}" for n in sorted(expected - files.keys())]
+    problems += [f"unexpected tensor {n}" for n in sorted(files.keys() - expected - ignored)]
+    target = jnp.dtype(cfg.param_dtype)   # a numpy dtype (ml_dtypes for bfloat16)
+    params: dict = {}
+    with contextlib.ExitStack() as stack, jax.default_device(jax.devices("cpu")[0]):
+        handles = {f: stack.enter_context(safe_open(f, framework="flax")) for f in set(files.values())}
+        for leaf in leaves:
+            found = [(n, tuple(handles[files[n]].get_slice(n).get_shape())) for n in leaf.names if n in files]
+            problems += [f"{n}: expected shape {leaf.hf_shape}, found {s}" for n, s in found if s != leaf.hf_shape]
+            if problems:
+                continue   # keep checking shapes, load nothing
+            # Fill a preallocated array layer by layer: peak host memory is one leaf plus one layer.
+            out = np.empty((len(leaf.names), *leaf.shape) if leaf.stacked else leaf.shape, target)
+            for i, name in enumerate(leaf.names):
+                hf = np.asarray(handles[files[name]].get_tensor(name))      # hf_shape, file dtype
+                out[i if leaf.stacked else ...] = leaf.to_ours(hf).astype(target)
+            node = params
+            for key in leaf.path[:-1]:
+                node = node.setdefault(key, {})
+            node[leaf.path[-1]] = out
+    if problems:
+        raise ValueError(f"{hf_dir}: checkpoint does not match the config:\n  " + "\n  ".join(problems))
+    return jax.tree.map(jnp.asarray, params), cfg
+
+
+def to_hf(params, cfg: ModelConfig, out_dir, tokenizer_path=None, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Writes params as a float32 Hugging Face LlamaForCausalLM directory that `from_pretrained` loads.
+
+    Writes config.json and model.safetensors, or model-0000k-of-0000n.safetensors shards plus
+    model.safetensors.index.json when the weights exceed max_shard_bytes. With `tokenizer_path` (a
+    SentencePiece .model) also tokenizer.model, tokenizer_config.json and special_tokens_map.json.
+    Params must be addressable from this process (single host). Returns out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config = model_config_to_hf_config(cfg)
+    if tokenizer_path is not None:
+        hf_config.update(_write_tokenizer(Path(tokenizer_path), out, cfg))
+    leaves = _leaves(cfg)
+    ours = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    ours = {tuple(k.key for k in path): v for path, v in ours.items()}
+    problems = [f"missing parameter {'/'.join(l.path)}" for l in leaves if l.path not in ours]
+    problems += [f"unexpected parameter {'/'.join(p)}" for p in ours.keys() - {l.path for l in leaves}]
+    problems += [f"{'/'.join(l.path)}: expected shape {(len(l.names),) * l.stacked + l.shape}, found "
+                 f"{ours[l.path].shape}" for l in leaves
+                 if l.path in ours and ours[l.path].shape != (len(l.names),) * l.stacked + l.shape]
+    if problems:
+        raise ValueError("params do not match the config:\n  " + "\n  ".join(problems))
+
+    # Plan shards from the spec's shapes first, then materialise one shard at a time (bounded host memory).
+    plan = [(name, leaf, i) for leaf in leaves for i, name in enumerate(leaf.names)]
+    shards, size = [[]], 0
+    for entry in plan:
+        nbytes = 4 * math.prod(entry[1].hf_shape)   # float32
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)   # transformers would prefer a stale single file over new shards
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, leaf, i in shard:
+            value = np.asarray(jax.device_get(ours[leaf.path][i] if leaf.stacked else ours[leaf.path]), np.float32)
+            tensors[name] = np.ascontiguousarray(leaf.to_hf(value))          # hf_shape
+            weight_map[name] = fname
+        save_file(tensors, out / fname, metadata={"format": "pt"})       # transformers checks the format
+    if len(shards) > 1:
+        total = sum(4 * math.prod(leaf.hf_shape) for _, leaf, _ in plan)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return out
+
+
+def _write_tokenizer(model_path: Path, out: Path, cfg: ModelConfig) -> dict:
+    """Copies a SentencePiece model beside the weights; returns the config.json special-token ids.
+
+    tokenizer_class is the generic PreTrainedTokenizerFast: transformers 5 builds it from tokenizer.model's
+    own proto (unigram or BPE, with its normaliser), reproducing sentencepiece's ids exactly, whereas its
+    LlamaTokenizer re-reads any .model as byte-level BPE and mis-tokenises unigram models."""
+    import sentencepiece as spm   # only needed here
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    if sp.get_piece_size() > cfg.vocab_size:
+        raise ValueError(f"{model_path}: {sp.get_piece_size()} pieces exceed model.vocab_size ({cfg.vocab_size})")
+    shutil.copyfile(model_path, out / "tokenizer.model")
+    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
+    special = {f"{k}_token": sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": sp.bos_id() >= 0,
+                        "add_eos_token": False, "model_max_length": cfg.max_seq_len,
+                        "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return {f"{k}_token_id": (i if i >= 0 else None) for k, i in ids.items() if k != "unk"}

