@@ -56,7 +56,9 @@ class ModelConfig:
     def preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}{_suggest(name, PRESETS)}; known: {sorted(PRESETS)}")
-        return build(cls, {**PRESETS[name], **overrides}, "model")
+        cfg = build(cls, {**PRESETS[name], **overrides}, "model")
+        cfg.validate()
+        return cfg
 
     def validate(self, where: str = "model") -> None:
         _check(self.num_heads % self.num_kv_heads == 0, f"{where}.num_heads ({self.num_heads}) must be "

@@ -61,7 +61,7 @@ def train_step(state: dict, batch: dict, *, loss_fn, tx: optax.GradientTransform
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {k: v / count for k, v in sums.items() if k != "count"}
-    metrics.update(count=sums["count"], grad_norm=optax.global_norm(grads))
+    metrics.update(count=sums["count"], grad_norm=optax.tree.norm(grads))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 

@@ -81,7 +81,9 @@ def test_sharded_checkpoint_loads_through_index_and_writes_shards(tmp_path):
 
 
 def test_packed_documents_match_hf_on_each_document_alone(tmp_path):
-    """Document masking + restarting positions, against an independent reference."""
+    """Document masking against an independent reference: without segment ids the second document's logits
+    differ by ~9. (RoPE scores depend only on relative positions, so once masking holds, restarting positions
+    changes nothing measurable; this test checks they are accepted, not that they matter.)"""
     model = save_hf_llama(tmp_path / "hf")
     params, cfg = convert.from_hf(tmp_path / "hf")
     doc1, doc2 = random_tokens((1, 11), seed=2), random_tokens((1, 9), seed=3)

@@ -53,6 +53,10 @@ class _Leaf:
     in_dims: int | None
     stacked: bool                  # has a leading layers axis
 
+    @property
+    def full_shape(self):          # the spec's shape: ([L,] *shape)
+        return (len(self.names),) * self.stacked + self.shape
+
     def to_ours(self, hf):         # hf_shape -> shape
         return hf if self.in_dims is None else hf.T.reshape(self.shape)
 
@@ -153,6 +157,14 @@ def _weight_map(hf_dir: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+def _on_host():
+    """Tensors are read as jax arrays (the flax framework handles bfloat16): keep them off the accelerator."""
+    try:
+        return jax.default_device(jax.devices("cpu")[0])
+    except RuntimeError:   # JAX_PLATFORMS without cpu
+        return contextlib.nullcontext()
+
+
 def from_hf(hf_dir, dtype=None) -> tuple[dict, ModelConfig]:
     """Reads a Hugging Face Llama directory -> (params in cfg.param_dtype, cfg).
 
@@ -171,7 +183,7 @@ def from_hf(hf_dir, dtype=None) -> tuple[dict, ModelConfig]:
     problems += [f"unexpected tensor {n}" for n in sorted(files.keys() - expected - ignored)]
     target = jnp.dtype(cfg.param_dtype)   # a numpy dtype (ml_dtypes for bfloat16)
     params: dict = {}
-    with contextlib.ExitStack() as stack, jax.default_device(jax.devices("cpu")[0]):
+    with contextlib.ExitStack() as stack, _on_host():
         handles = {f: stack.enter_context(safe_open(f, framework="flax")) for f in set(files.values())}
         for leaf in leaves:
             found = [(n, tuple(handles[files[n]].get_slice(n).get_shape())) for n in leaf.names if n in files]
@@ -179,7 +191,7 @@ def from_hf(hf_dir, dtype=None) -> tuple[dict, ModelConfig]:
             if problems:
                 continue   # keep checking shapes, load nothing
             # Fill a preallocated array layer by layer: peak host memory is one leaf plus one layer.
-            out = np.empty((len(leaf.names), *leaf.shape) if leaf.stacked else leaf.shape, target)
+            out = np.empty(leaf.full_shape, target)
             for i, name in enumerate(leaf.names):
                 hf = np.asarray(handles[files[name]].get_tensor(name))      # hf_shape, file dtype
                 out[i if leaf.stacked else ...] = leaf.to_ours(hf).astype(target)
@@ -209,9 +221,8 @@ def to_hf(params, cfg: ModelConfig, out_dir, tokenizer_path=None, max_shard_byte
     ours = {tuple(k.key for k in path): v for path, v in ours.items()}
     problems = [f"missing parameter {'/'.join(l.path)}" for l in leaves if l.path not in ours]
     problems += [f"unexpected parameter {'/'.join(p)}" for p in ours.keys() - {l.path for l in leaves}]
-    problems += [f"{'/'.join(l.path)}: expected shape {(len(l.names),) * l.stacked + l.shape}, found "
-                 f"{ours[l.path].shape}" for l in leaves
-                 if l.path in ours and ours[l.path].shape != (len(l.names),) * l.stacked + l.shape]
+    problems += [f"{'/'.join(l.path)}: expected shape {l.full_shape}, found {ours[l.path].shape}"
+                 for l in leaves if l.path in ours and ours[l.path].shape != l.full_shape]
     if problems:
         raise ValueError("params do not match the config:\n  " + "\n  ".join(problems))
 
