@@ -31,9 +31,21 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's arrays do not have the shapes the config expects."""
 
 
+def _path_str(path) -> str:
+    """'opt_state/1/0/mu/layers/attn/q': one spelling for dict keys, tuple indices and NamedTuple fields,
+    which Orbax's metadata tree writes as dicts and lists."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
 def _shape_mismatches(saved_tree, abstract_tree) -> list[str]:
-    saved = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved_tree)}
-    wanted = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_tree)}
+    saved = {_path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved_tree)}
+    wanted = {_path_str(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_tree)}
     problems = [f"{k}: checkpoint {saved[k]} vs config {wanted[k]}" for k in sorted(saved.keys() & wanted.keys())
                 if saved[k] != wanted[k]]
     problems += [f"{k}: in the config but not in the checkpoint" for k in sorted(wanted.keys() - saved.keys())]
@@ -48,7 +60,9 @@ class RunCheckpointer:
         self.directory = Path(workdir).absolute() / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Naming the handlers lets a fresh process read an existing step's metadata before restoring it.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
