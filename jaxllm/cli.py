@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import logging
 import sys
 
@@ -33,25 +34,35 @@ def load_config(argv: list[str]):
     from jaxllm.config import ConfigError, from_config_dict
 
     values = flags.FlagValues()
+    argv = ["jaxllm"] + list(argv)
+    # config_flags finds the --config.x overrides in sys_argv (default: the process's sys.argv).
     config_flags.DEFINE_config_file("config", None, "config file, optionally with :arg (get_config(arg))",
-                                    flag_values=values, lock_config=True)
+                                    flag_values=values, lock_config=True, sys_argv=argv)
     try:
-        values(["jaxllm"] + argv)
+        values(argv)
     except (flags.Error, KeyError, AttributeError) as e:
-        raise ConfigError(_explain_override_error(e, values)) from None
+        raise ConfigError(_explain_override_error(e, argv)) from None
     if values.config is None:
         raise ConfigError("--config=configs/<file>.py is required")
     return from_config_dict(values.config)
 
 
-def _explain_override_error(error: Exception, values) -> str:
-    """ml_collections reports an unknown override as a bare KeyError; name the field and suggest fields."""
+def _explain_override_error(error: Exception, argv: list[str]) -> str:
+    """ml_collections reports an unknown override as a bare flag error; name the field and suggest fields."""
     text = str(error).strip("'\"")
-    config = getattr(values, "config", None) if hasattr(values, "config") else None
-    if config is None:
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return text
+    try:
+        path, _, arg = spec.partition(":")
+        module_spec = importlib.util.spec_from_file_location("_jaxllm_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception:  # noqa: BLE001 - the original error is the better message then
         return text
     fields = list(_dotted_fields(config.to_dict()))
-    unknown = [a.split("=", 1)[0][len("--config."):] for a in sys.argv if a.startswith("--config.")]
+    unknown = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
     unknown = [u for u in unknown if u not in fields]
     if unknown:
         close = difflib.get_close_matches(unknown[0], fields, n=3, cutoff=0.5)
