@@ -4,7 +4,8 @@ checkpoints (converted models) that carry their model config and tokenizer.
 Layouts:
   run workdir:        <workdir>/config.json, <workdir>/tokenizer.model, <workdir>/checkpoints/<step>/{state,data}
   converted / export: <dir>/model_config.json, <dir>/tokenizer.model, <dir>/params/
-`load_params(path)` accepts any of: a workdir (its newest step), one step's directory, or a converted dir.
+`load_params(path)` accepts any of: a workdir (its newest step), one step's directory, a converted dir, or a
+Hugging Face Llama directory (converted on the fly).
 """
 from __future__ import annotations
 
@@ -132,10 +133,16 @@ def resolve(path: str) -> dict:
         workdir, step_dir = p, p / "checkpoints" / str(steps[-1])
     elif (p / "state").exists() and p.name.isdigit() and (p.parent.parent / RUN_CONFIG_FILE).exists():
         workdir, step_dir = p.parent.parent, p
+    elif (p / "config.json").exists() and any(p.glob("*.safetensors")):
+        from jaxllm.model.convert import hf_config_to_model_config
+        model_cfg = hf_config_to_model_config(json.loads((p / "config.json").read_text()), p / "config.json")
+        tok = p / TOKENIZER_FILE
+        return {"kind": "hf", "model_cfg": model_cfg, "hf_dir": p, "tokenizer": str(tok) if tok.exists() else None}
     else:
         raise FileNotFoundError(f"{p}: not a jaxllm checkpoint (expected a run workdir with config.json and "
                                 f"checkpoints/, a step directory inside it, or a converted checkpoint with "
-                                f"{MODEL_CONFIG_FILE} and params/)")
+                                f"{MODEL_CONFIG_FILE} and params/, or a Hugging Face directory with config.json and "
+                                f"*.safetensors)")
     tok = workdir / TOKENIZER_FILE
     return {"kind": "run", "model_cfg": _model_config_of_run(workdir), "step_dir": step_dir,
             "tokenizer": str(tok) if tok.exists() else None}
@@ -149,7 +156,12 @@ def load_params(path: str, shardings=None) -> tuple[dict, ModelConfig, str | Non
     abstract = abstract_params(model_cfg)
     if shardings is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    if info["kind"] == "params":
+    if info["kind"] == "hf":
+        from jaxllm.model.convert import from_hf
+        params, model_cfg = from_hf(info["hf_dir"])
+        if shardings is not None:
+            params = jax.device_put(params, shardings)
+    elif info["kind"] == "params":
         with ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(info["params_dir"])
             meta = getattr(meta, "item_metadata", meta)

@@ -21,7 +21,7 @@ import optax
 
 from jaxllm import config as config_lib
 from jaxllm import sharding
-from jaxllm.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE, RunCheckpointer, load_params
+from jaxllm.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE, RunCheckpointer, load_params, resolve
 from jaxllm.config import Config
 from jaxllm.data import load_documents, lm_pipeline, split_heldout
 from jaxllm.metrics import MetricWriter, Progress, device_peak_tflops, mfu, plot_curves
@@ -95,10 +95,30 @@ def evaluate(params, eval_fn, batches, batch_sharding, max_batches: int) -> dict
     return {k: float(v) for k, v in jax.device_get(totals).items()} if totals else {}
 
 
-def _tokenizer_for_run(cfg: Config, train_docs) -> Tokenizer:
-    """The configured tokenizer; else the one a previous run of this workdir trained; else train one."""
+# Fields of the run's model config that say how to compute, not what the weights are: these stay the run's
+# own when the architecture comes from `init_from`.
+_RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "attention_impl", "remat", "scan_layers")
+
+
+def _architecture_from_init(cfg: Config) -> tuple[Config, str | None]:
+    """With init_from, the architecture is the checkpoint's (its shapes must load); returns the config and
+    the checkpoint's tokenizer, if it carries one."""
+    if not cfg.init_from:
+        return cfg, None
+    info = resolve(cfg.init_from)
+    runtime = {f: getattr(cfg.model, f) for f in _RUNTIME_FIELDS}
+    model = dataclasses.replace(info["model_cfg"], **runtime,
+                                max_seq_len=max(info["model_cfg"].max_seq_len, cfg.data.seq_len))
+    return dataclasses.replace(cfg, model=model), info["tokenizer"]
+
+
+def _tokenizer_for_run(cfg: Config, train_docs, init_tokenizer: str | None = None) -> Tokenizer:
+    """The configured tokenizer; else the init checkpoint's; else the one a previous run of this workdir
+    trained; else train one on the training documents."""
     if cfg.tokenizer:
         return Tokenizer(cfg.tokenizer)
+    if init_tokenizer:
+        return Tokenizer(init_tokenizer)
     saved = Path(cfg.workdir) / TOKENIZER_FILE
     if not saved.exists():
         logging.info("no tokenizer given: training a %d-piece SentencePiece BPE on the training documents",
@@ -123,7 +143,8 @@ def train(cfg: Config) -> dict:
     else:
         docs, eval_docs = split_heldout(docs, data_cfg.eval_fraction, train_cfg.seed)
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer_for_run(cfg, docs)
+    cfg, init_tokenizer = _architecture_from_init(cfg)
+    tokenizer = _tokenizer_for_run(cfg, docs, init_tokenizer)
     cfg = resolve_model_vocab(dataclasses.replace(cfg, tokenizer=str(Path(tokenizer.path).absolute())), tokenizer)
     model_cfg = cfg.model
     _prepare_workdir(cfg, tokenizer)

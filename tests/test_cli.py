@@ -79,3 +79,26 @@ def test_errors_are_one_line_without_a_traceback(tmp_path):
     assert jaxllm("--help").returncode == 0 and "quickstart" in jaxllm("--help").stdout
     for command in (["tokenizer", "train"], ["convert", "from-hf"], ["quickstart"]):
         assert jaxllm(*command, "--help").returncode == 0
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, english_corpus):
+    """Pre-emption: SIGTERM mid-run saves the current step; the next run resumes from it."""
+    import signal
+    import time
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxllm", "train", "--config=configs/pretrain.py:model=tiny",
+         f"--config.workdir={tmp_path}", f"--config.data.sources={english_corpus}", "--config.data.seq_len=32",
+         "--config.train.batch_size=2", "--config.tokenizer_vocab_size=400", "--config.train.steps=100000",
+         "--config.train.log_every=1", "--config.train.save_every=0", "--config.train.eval_every=0"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM received" in err
+    saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert 3 <= saved < 100000
