@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import importlib.util
 import logging
 import sys
 
+# command -> ("module:function" taking argv and returning an exit code, one-line help). Each room owns its
+# command's flag parsing; handlers are imported only when their command runs, so `jaxllm --help` is fast.
 COMMANDS = {
-    "train": "train a model from a config file (configs/*.py)",
-    "tokenizer": "train a SentencePiece tokenizer",
-    "convert": "convert between Hugging Face Llama checkpoints and jaxllm checkpoints",
-    "quickstart": "the main job: tokenizer + tiny LM on the built-in corpora, offline, on a CPU",
+    "train": ("jaxllm.cli:cmd_train", "train a model from a config file (configs/*.py)"),
+    "tokenizer": ("jaxllm.tokenizer.cli:main", "train SentencePiece tokenizers"),
+    "convert": ("jaxllm.cli:cmd_convert", "convert between Hugging Face Llama checkpoints and jaxllm checkpoints"),
+    "quickstart": ("jaxllm.cli:cmd_quickstart",
+                   "the main job: tokenizer + tiny LM on the built-in corpora, offline, on a CPU"),
 }
 
 
@@ -91,32 +95,6 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def cmd_tokenizer(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm tokenizer", description="SentencePiece tokenizers")
-    sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("train", help="train a SentencePiece BPE model with byte fallback")
-    p.add_argument("--input", action="append", required=True,
-                   help="text file, directory, glob, .jsonl or builtin:NAME; repeat for several")
-    p.add_argument("--out", required=True, help="output directory (tokenizer.model, tokenizer.vocab)")
-    p.add_argument("--vocab_size", type=int, default=8000, help="number of pieces")
-    p.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece algorithm")
-    p.add_argument("--character_coverage", type=float, default=0.9995,
-                   help="share of characters covered by pieces; the rest fall back to bytes (Chinese: 0.9995)")
-    p.add_argument("--user_defined_symbols", default="", help="comma-separated pieces kept whole, e.g. <|im_start|>")
-    p.add_argument("--jsonl_field", default="text", help="text field of .jsonl inputs")
-    p.add_argument("--text_split", default="line", choices=["line", "paragraph", "file"],
-                   help="what a document is in .txt inputs")
-    args = parser.parse_args(argv)
-    from jaxllm.data import load_documents
-    from jaxllm.tokenizer import train_tokenizer
-    docs = load_documents(args.input, jsonl_field=args.jsonl_field, text_split=args.text_split)
-    symbols = tuple(s for s in args.user_defined_symbols.split(",") if s)
-    tok = train_tokenizer(docs, out_dir=args.out, vocab_size=args.vocab_size, model_type=args.model_type,
-                          character_coverage=args.character_coverage, user_defined_symbols=symbols)
-    print(f"wrote {tok.path} ({tok.vocab_size} pieces, trained on {len(docs)} documents)")
-    return 0
-
-
 def cmd_convert(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm convert", description="Hugging Face <-> jaxllm checkpoints")
     sub = parser.add_subparsers(dest="direction", required=True)
@@ -134,7 +112,7 @@ def cmd_convert(argv: list[str]) -> int:
 
 
 def cmd_quickstart(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm quickstart", description=COMMANDS["quickstart"])
+    parser = argparse.ArgumentParser(prog="jaxllm quickstart", description=COMMANDS["quickstart"][1])
     parser.add_argument("--workdir", default="runs/quickstart", help="where the run writes everything")
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--vocab_size", type=int, default=8000, help="tokenizer vocabulary")
@@ -144,27 +122,25 @@ def cmd_quickstart(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "convert": cmd_convert, "quickstart": cmd_quickstart}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: jaxllm <command> [flags]\n\ncommands:")
-        for name, text in COMMANDS.items():
+        for name, (_, text) in COMMANDS.items():
             print(f"  {name:<12} {text}")
         print("\n`jaxllm <command> --help` lists a command's flags.")
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in HANDLERS:
-        close = difflib.get_close_matches(command, HANDLERS, n=1)
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
         print(f"jaxllm: unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
               file=sys.stderr)
         return 2
     _setup_logging()
     from jaxllm.config import ConfigError
+    module, function = COMMANDS[command][0].split(":")
     try:
-        return HANDLERS[command](rest)
+        return getattr(importlib.import_module(module), function)(rest)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         # A user error: say what and where, without a traceback from deep inside JAX.
         print(f"jaxllm {command}: error: {e}", file=sys.stderr)

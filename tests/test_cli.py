@@ -102,3 +102,24 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, english_corpus):
     assert "SIGTERM received" in err
     saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert 3 <= saved < 100000
+
+
+def test_convert_commands_round_trip_a_hugging_face_model(tmp_path, shared_data):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(
+        (shared_data / "tokenizers" / "sentencepiece_test" / "test_model.model").read_bytes())
+    out = jaxllm("convert", "from-hf", f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'ckpt'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "ckpt" / "tokenizer.model").exists()                 # it carries its tokenizer
+    out = jaxllm("convert", "to-hf", f"--checkpoint={tmp_path / 'ckpt'}", f"--out={tmp_path / 'back'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
