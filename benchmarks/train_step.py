@@ -66,7 +66,7 @@ def bench_jax(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: in
         state, m = compiled(state, data)
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - t0) / steps
-    return {"compile_s": compile_s, "step_s": step_s, "loss": float(m["nll"]), "peak_gb": peak_memory_gb()}
+    return {"compile_s": compile_s, "step_s": step_s, "loss": float(m["loss"]), "peak_gb": peak_memory_gb()}
 
 
 def bench_torch(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, compile_model: bool) -> dict:

@@ -21,6 +21,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = parse_arg(arg)
     model = args.get("model", "tiny")
     c = ml_collections.ConfigDict()
+    c.objective = "lm"               # next-token prediction on packed rows
     c.workdir = ""                   # everything the run writes; required
     c.tokenizer = ""                 # SentencePiece tokenizer.model; empty = train one on data.sources
     c.tokenizer_vocab_size = 8000    # vocabulary of that tokenizer, when one is trained

@@ -1,6 +1,7 @@
 """The training loop: create or restore sharded state, run jitted steps, log, evaluate, save.
 
-The loop is objective-agnostic; `train()` wires the LM objective (its loss, pipeline and step).
+The loop is objective-agnostic: `cfg.objective` names an Objective (objectives.py) that brings its loss,
+data, parameter specs and evaluation report; the step functions are shared.
 """
 from __future__ import annotations
 
@@ -23,15 +24,13 @@ from jaxllm import config as config_lib
 from jaxllm import sharding
 from jaxllm.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE, RunCheckpointer, load_params, resolve
 from jaxllm.config import Config
-from jaxllm.data import load_documents, lm_pipeline, split_heldout
 from jaxllm.metrics import MetricWriter, Progress, device_peak_tflops, mfu, plot_curves
-from jaxllm.model.spec import flops_per_token, init_params, logical_axes
+from jaxllm.model.spec import flops_per_token, init_from_specs, logical_axes
 from jaxllm.optim import lr_schedule, make_optimizer
-from jaxllm.steps import eval_step_lm, init_train_state, train_step_lm
+from jaxllm import objectives
+from jaxllm.objectives import lm_documents
+from jaxllm.steps import eval_step, init_train_state, train_step
 from jaxllm.tokenizer import Tokenizer, train_tokenizer
-
-BATCH_AXES = ("batch", "length")
-
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the last good checkpoint is left untouched."""
@@ -46,18 +45,34 @@ def resolve_model_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
-def state_shardings(model_cfg, tx, mesh, rules):
-    """(abstract state, shardings) from the ParamSpec tree; optimizer moments follow their parameters."""
-    abstract = jax.eval_shape(lambda: init_train_state(init_params(model_cfg, jax.random.key(0)), tx))
-    param_sh = sharding.tree_shardings(mesh, rules, logical_axes(model_cfg), abstract["params"])
+def state_shardings(specs, tx, mesh, rules):
+    """(abstract state, shardings) from a ParamSpec tree; optimizer moments follow their parameters."""
+    abstract = jax.eval_shape(lambda: init_train_state(init_from_specs(specs, jax.random.key(0)), tx))
+    param_sh = sharding.tree_shardings(mesh, rules, logical_axes(specs), abstract["params"])
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
                                    transform_non_params=lambda _: sharding.replicated(mesh))
     return abstract, {"step": sharding.replicated(mesh), "params": param_sh, "opt_state": opt_sh}
 
 
-def global_batch(local: dict, batch_sharding) -> dict:
-    """Per-process numpy rows -> one global jax.Array per key, laid out by the batch sharding."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
+def batch_shardings(mesh, rules, local_batch: dict, process_count: int) -> dict:
+    """Every batch array is split along its leading (batch) axis; other axes are replicated."""
+    def one(x):
+        shape = (x.shape[0] * process_count, *x.shape[1:])
+        return sharding.named_sharding(mesh, rules, ("batch",) + (None,) * (x.ndim - 1), shape)
+    return {k: one(np.asarray(v)) for k, v in local_batch.items()}
+
+
+def global_batch(local: dict, shardings: dict) -> dict:
+    """Per-process numpy rows -> one global jax.Array per key, laid out by the batch shardings."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
+
+
+def _peek(batches) -> dict:
+    """The next batch, leaving the iterator where it was (its state is restored)."""
+    saved = batches.get_state()
+    batch = next(batches)
+    batches.set_state(saved)
+    return batch
 
 
 class _StopFlag:
@@ -84,13 +99,13 @@ def _prepare_workdir(cfg: Config, tokenizer: Tokenizer) -> None:
             shutil.copyfile(tokenizer.path, workdir / TOKENIZER_FILE)
 
 
-def evaluate(params, eval_fn, batches, batch_sharding, max_batches: int) -> dict:
+def evaluate(params, frozen, eval_fn, batches, shardings, max_batches: int) -> dict:
     """Adds up the eval step's sums over up to max_batches batches (0 = all)."""
     totals = None
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        sums = eval_fn(params, global_batch(batch, batch_sharding))
+        sums = eval_fn(params, global_batch(batch, shardings), frozen)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return {k: float(v) for k, v in jax.device_get(totals).items()} if totals else {}
 
@@ -112,7 +127,7 @@ def _architecture_from_init(cfg: Config) -> tuple[Config, str | None]:
     return dataclasses.replace(cfg, model=model), info["tokenizer"]
 
 
-def _tokenizer_for_run(cfg: Config, train_docs, init_tokenizer: str | None = None) -> Tokenizer:
+def _tokenizer_for_run(cfg: Config, init_tokenizer: str | None = None) -> Tokenizer:
     """The configured tokenizer; else the init checkpoint's; else the one a previous run of this workdir
     trained; else train one on the training documents."""
     if cfg.tokenizer:
@@ -123,47 +138,39 @@ def _tokenizer_for_run(cfg: Config, train_docs, init_tokenizer: str | None = Non
     if not saved.exists():
         logging.info("no tokenizer given: training a %d-piece SentencePiece BPE on the training documents",
                      cfg.tokenizer_vocab_size)
+        train_docs, _ = lm_documents(cfg)
         train_tokenizer(train_docs, out_dir=cfg.workdir, vocab_size=cfg.tokenizer_vocab_size)
     return Tokenizer(str(saved))
 
 
 def train(cfg: Config) -> dict:
-    """Trains a language model as configured; returns the last logged metrics (plus final eval)."""
-    model_cfg, train_cfg, data_cfg = cfg.model, cfg.train, cfg.data
+    """Trains a model for cfg.objective as configured; returns the last logged metrics (plus final eval)."""
+    train_cfg = cfg.train
     nproc, pid = jax.process_count(), jax.process_index()
     if train_cfg.batch_size % nproc:
         raise config_lib.ConfigError(f"train.batch_size ({train_cfg.batch_size}) must divide across {nproc} processes")
-    local_batch = train_cfg.batch_size // nproc
 
-    # 1) Data: documents, held-out split, tokenizer, deterministic packed pipelines.
-    docs = load_documents(data_cfg.sources, jsonl_field=data_cfg.jsonl_field, text_split=data_cfg.text_split)
-    if data_cfg.eval_sources:
-        eval_docs = load_documents(data_cfg.eval_sources, jsonl_field=data_cfg.jsonl_field,
-                                   text_split=data_cfg.text_split)
-    else:
-        docs, eval_docs = split_heldout(docs, data_cfg.eval_fraction, train_cfg.seed)
+    # 1) Tokenizer, model config, the objective's data and loss.
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
     cfg, init_tokenizer = _architecture_from_init(cfg)
-    tokenizer = _tokenizer_for_run(cfg, docs, init_tokenizer)
+    tokenizer = _tokenizer_for_run(cfg, init_tokenizer)
     cfg = resolve_model_vocab(dataclasses.replace(cfg, tokenizer=str(Path(tokenizer.path).absolute())), tokenizer)
-    model_cfg = cfg.model
     _prepare_workdir(cfg, tokenizer)
-    pipeline = functools.partial(lm_pipeline, tokenizer=tokenizer, seq_len=data_cfg.seq_len, batch_size=local_batch,
-                                 add_bos=data_cfg.add_bos, add_eos=data_cfg.add_eos, process_index=pid,
+    objective = objectives.build(cfg, tokenizer, batch_size=train_cfg.batch_size // nproc, process_index=pid,
                                  process_count=nproc)
-    train_iter = pipeline(docs, seed=train_cfg.seed)
-    eval_batches = lambda: pipeline(eval_docs, seed=0, shuffle=False, repeat=False)  # noqa: E731
 
     # 2) Mesh, optimizer, shardings, jitted steps.
     mesh = sharding.make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
     tx = make_optimizer(cfg.optim, train_cfg.steps)
-    abstract, state_sh = state_shardings(model_cfg, tx, mesh, rules)
-    batch_sh = sharding.named_sharding(mesh, rules, BATCH_AXES, (train_cfg.batch_size, data_cfg.seq_len))
-    step_fn = jax.jit(functools.partial(train_step_lm, model_cfg=model_cfg, tx=tx, z_loss=train_cfg.z_loss,
+    abstract, state_sh = state_shardings(objective.specs, tx, mesh, rules)
+    batch_sh = batch_shardings(mesh, rules, _peek(objective.train_batches), nproc)
+    frozen = objective.frozen
+    step_fn = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn, tx=tx,
                                         accum_steps=cfg.optim.grad_accum_steps),
-                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step_lm, model_cfg=model_cfg), in_shardings=(state_sh["params"], batch_sh))
+                      in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(eval_step, loss_fn=objective.loss_fn),
+                      in_shardings=(state_sh["params"], batch_sh, None))
 
     # 3) State: restore the newest checkpoint, or create it already sharded.
     ckpt = RunCheckpointer(cfg.workdir, keep=train_cfg.keep_checkpoints, async_save=train_cfg.async_checkpointing)
@@ -173,88 +180,95 @@ def train(cfg: Config) -> dict:
             abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
             state, data_state = ckpt.restore(start, abstract_sh)
             if data_state is not None:
-                train_iter.set_state(data_state)
+                objective.train_batches.set_state(data_state)
             logging.info("resumed from %s at step %d", ckpt.directory, start)
         else:
             start = 0
+            key = jax.random.key(train_cfg.seed)
             if cfg.init_from:
-                params, _, _ = load_params(cfg.init_from, shardings=state_sh["params"])
-                state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=state_sh)(params)
+                params, _, _ = load_params(cfg.init_from)
+                make = lambda p, k: init_train_state(objective.extend_params(p, k), tx)  # noqa: E731
+                state = jax.jit(make, out_shardings=state_sh)(params, key)
             else:
-                key = jax.random.key(train_cfg.seed)
-                state = jax.jit(lambda k: init_train_state(init_params(model_cfg, k), tx), out_shardings=state_sh)(key)
-        return _loop(cfg, state, start, step_fn, eval_fn, train_iter, eval_batches, batch_sh, ckpt, mesh)
+                make = lambda k: init_train_state(init_from_specs(objective.specs, k), tx)  # noqa: E731
+                state = jax.jit(make, out_shardings=state_sh)(key)
+        run = _Run(cfg, objective, step_fn, eval_fn, batch_sh, frozen, ckpt)
+        return run.loop(state, start)
 
 
-def _loop(cfg, state, start, step_fn, eval_fn, train_iter, eval_batches, batch_sh, ckpt, mesh) -> dict:
-    train_cfg, seq_len = cfg.train, cfg.data.seq_len
-    writer = MetricWriter(cfg.workdir, enabled=jax.process_index() == 0)
-    progress = Progress(train_cfg.steps, start)
-    schedule = lr_schedule(cfg.optim, train_cfg.steps)
-    peak = train_cfg.peak_tflops or device_peak_tflops()
-    fpt = flops_per_token(cfg.model, seq_len)
-    stop = _StopFlag()
-    pending: list[tuple[int, dict]] = []  # metrics still on device: fetched at log/save time, not every step
-    last: dict = {}
-    t_last, step_last = time.time(), start
+class _Run:
+    """The loop of one run: steps, logging, evaluation, checkpoints. Objective-agnostic."""
 
-    def drain() -> dict:
+    def __init__(self, cfg: Config, objective, step_fn, eval_fn, batch_sh, frozen, ckpt: RunCheckpointer):
+        self.cfg, self.objective, self.step_fn, self.eval_fn = cfg, objective, step_fn, eval_fn
+        self.batch_sh, self.frozen, self.ckpt = batch_sh, frozen, ckpt
+        self.writer = MetricWriter(cfg.workdir, enabled=jax.process_index() == 0)
+        self.pending: list[tuple[int, dict]] = []   # metrics still on device: fetched at log/save time only
+
+    def drain(self) -> dict:
         """Fetches pending metrics; a non-finite loss stops the run naming its step."""
-        nonlocal pending
-        fetched = jax.device_get(pending)
-        pending = []
+        fetched, self.pending = jax.device_get(self.pending), []
         for s, m in fetched:
             if not math.isfinite(float(m["loss"])):
                 raise NonFiniteLossError(f"loss is {float(m['loss'])} at step {s}; stopping. The newest checkpoint "
-                                         f"({ckpt.latest_step()}) was saved before it and is intact.")
+                                         f"({self.ckpt.latest_step()}) was saved before it and is intact.")
         return fetched[-1][1] if fetched else {}
 
-    step = start
-    try:
-        while step < train_cfg.steps:
-            batch = global_batch(next(train_iter), batch_sh)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            pending.append((step, metrics))
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-                m = drain()
-                elapsed = time.time() - t_last
-                tokens_per_s = (step - step_last) * train_cfg.batch_size * seq_len / max(elapsed, 1e-9)
-                t_last, step_last = time.time(), step
-                last = {"train/loss": float(m["nll"]), "train/z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]),
-                        "lr": float(schedule(step - 1)), "tokens_per_s": tokens_per_s,
-                        "mfu": mfu(tokens_per_s, fpt, jax.device_count(), peak)}
-                writer.write(step, last)
-                logging.info(progress.line(step, {k: last[k] for k in ("train/loss", "lr", "grad_norm", "tokens_per_s")}))
-            if train_cfg.eval_every and step % train_cfg.eval_every == 0:
-                last.update(_eval_metrics(state, eval_fn, eval_batches, batch_sh, train_cfg.eval_batches))
-                writer.write(step, {k: v for k, v in last.items() if k.startswith("eval/")})
-            if (train_cfg.save_every and step % train_cfg.save_every == 0) or stop.requested:
-                drain()
-                ckpt.save(step, state, train_iter.get_state())
-            if stop.requested:
-                break
-        drain()
-        if ckpt.latest_step() != step:
-            ckpt.save(step, state, train_iter.get_state())
-        if not (train_cfg.eval_every and step % train_cfg.eval_every == 0) and not stop.requested:
-            last.update(_eval_metrics(state, eval_fn, eval_batches, batch_sh, train_cfg.eval_batches))
-            writer.write(step, {k: v for k, v in last.items() if k.startswith("eval/")})
-    finally:
-        ckpt.close()
-        writer.close()
-    if jax.process_index() == 0:
-        plot_curves(str(writer.path), str(Path(cfg.workdir) / "plots" / "loss.png"))
-    last["step"] = step
-    last["state"] = state
-    return last
+    def eval_metrics(self, state, step: int) -> dict:
+        sums = evaluate(state["params"], self.frozen, self.eval_fn, self.objective.eval_batches(), self.batch_sh,
+                        self.cfg.train.eval_batches)
+        out = self.objective.report(sums) if sums and sums["count"] > 0 else {}
+        if self.objective.eval_hook is not None:
+            out.update(self.objective.eval_hook(step, state["params"], self.cfg.workdir))
+        if out:
+            logging.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in out.items()))
+            self.writer.write(step, out)
+        return out
 
-
-def _eval_metrics(state, eval_fn, eval_batches, batch_sh, max_batches) -> dict:
-    sums = evaluate(state["params"], eval_fn, eval_batches(), batch_sh, max_batches)
-    if not sums or sums["count"] == 0:
-        return {}
-    loss = sums["nll"] / sums["count"]
-    out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": sums["count"]}
-    logging.info("eval: loss=%.4f perplexity=%.2f over %d tokens", loss, out["eval/perplexity"], sums["count"])
-    return out
+    def loop(self, state, start: int) -> dict:
+        cfg, train_cfg, batches = self.cfg, self.cfg.train, self.objective.train_batches
+        progress = Progress(train_cfg.steps, start)
+        schedule = lr_schedule(cfg.optim, train_cfg.steps)
+        peak = train_cfg.peak_tflops or device_peak_tflops()
+        stop = _StopFlag()
+        last: dict = {}
+        t_last, step_last, step = time.time(), start, start
+        tokens_shape = ()
+        try:
+            while step < train_cfg.steps:
+                batch = global_batch(next(batches), self.batch_sh)
+                tokens_shape = batch["tokens"].shape
+                state, metrics = self.step_fn(state, batch, self.frozen)
+                step += 1
+                self.pending.append((step, metrics))
+                if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+                    m = self.drain()
+                    elapsed, t_last = time.time() - t_last, time.time()
+                    tokens_per_s = (step - step_last) * math.prod(tokens_shape) / max(elapsed, 1e-9)
+                    step_last = step
+                    last = {f"train/{k}": float(v) for k, v in m.items() if k not in ("count", "grad_norm")}
+                    last.update(grad_norm=float(m["grad_norm"]), lr=float(schedule(step - 1)),
+                                tokens_per_s=tokens_per_s,
+                                mfu=mfu(tokens_per_s, flops_per_token(cfg.model, tokens_shape[-1]), jax.device_count(),
+                                        peak))
+                    self.writer.write(step, last)
+                    logging.info(progress.line(step, {k: last[k] for k in ("train/loss", "lr", "grad_norm",
+                                                                           "tokens_per_s")}))
+                if train_cfg.eval_every and step % train_cfg.eval_every == 0:
+                    last.update(self.eval_metrics(state, step))
+                if (train_cfg.save_every and step % train_cfg.save_every == 0) or stop.requested:
+                    self.drain()
+                    self.ckpt.save(step, state, batches.get_state())
+                if stop.requested:
+                    break
+            self.drain()
+            if self.ckpt.latest_step() != step:
+                self.ckpt.save(step, state, batches.get_state())
+            if not (train_cfg.eval_every and step % train_cfg.eval_every == 0) and not stop.requested:
+                last.update(self.eval_metrics(state, step))
+        finally:
+            self.ckpt.close()
+            self.writer.close()
+        if jax.process_index() == 0:
+            plot_curves(str(self.writer.path), str(Path(cfg.workdir) / "plots" / "loss.png"))
+        return {**last, "step": step, "state": state}

@@ -53,7 +53,7 @@ def test_train_command_runs_resumes_and_writes_the_workdir(tmp_path, english_cor
             "--config.tokenizer_vocab_size=400", "--config.train.eval_every=0", "--config.train.log_every=2"]
     out = jaxllm(*args, "--config.train.steps=4")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "[     4/4" in out.stderr and "eval: loss=" in out.stderr
+    assert "[     4/4" in out.stderr and "eval/loss=" in out.stderr
     out = jaxllm(*args, "--config.train.steps=6")                     # same workdir: resumes at step 4
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed" in out.stderr and "[     6/6" in out.stderr

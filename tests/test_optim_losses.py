@@ -60,7 +60,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     x = jax.random.normal(jax.random.key(0), (8, 3))
     mask = jnp.array([1, 1, 0, 1, 1, 1, 1, 0], jnp.float32)   # uneven counts per micro-batch
 
-    def loss_fn(p, batch):
+    def loss_fn(p, batch, frozen=None):
         per = jnp.sum((batch["x"] @ p["w"]) ** 2, -1) * batch["mask"]
         return per.sum(), {"loss": per.sum(), "count": batch["mask"].sum()}
 

@@ -81,22 +81,28 @@ def is_spec(x) -> bool:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
-    """Random parameters. Each leaf gets a key folded from its position, so adding a leaf later does not
-    reshuffle the others' values."""
-    specs = param_specs(cfg)
+    """Random parameters of the decoder."""
+    return init_from_specs(param_specs(cfg), key)
+
+
+def init_from_specs(specs: dict, key: jax.Array) -> dict:
+    """Random parameters for any spec tree (the decoder, or the decoder plus an objective's heads). Each leaf
+    gets a key folded from its position in the flattened tree."""
     leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     keys = [jax.random.fold_in(key, i) for i in range(len(leaves))]
     return jax.tree.unflatten(treedef, [s.init(k, s.shape, s.dtype) for s, k in zip(leaves, keys)])
 
 
-def abstract_params(cfg: ModelConfig) -> dict:
-    """ShapeDtypeStructs of the parameters, without allocating them."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), param_specs(cfg), is_leaf=is_spec)
+def abstract_params(cfg: ModelConfig | dict) -> dict:
+    """ShapeDtypeStructs of the parameters (of a model config or a spec tree), without allocating them."""
+    specs = param_specs(cfg) if isinstance(cfg, ModelConfig) else cfg
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), specs, is_leaf=is_spec)
 
 
-def logical_axes(cfg: ModelConfig) -> dict:
+def logical_axes(cfg: ModelConfig | dict) -> dict:
     """The logical axis names of every parameter, as a tree matching the params."""
-    return jax.tree.map(lambda s: s.logical_axes, param_specs(cfg), is_leaf=is_spec)
+    specs = param_specs(cfg) if isinstance(cfg, ModelConfig) else cfg
+    return jax.tree.map(lambda s: s.logical_axes, specs, is_leaf=is_spec)
 
 
 def count_params(cfg: ModelConfig) -> int:
