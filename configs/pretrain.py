@@ -43,6 +43,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.text_split = "line"       # .txt documents: "line", "paragraph" or "file"
     c.data.add_bos = True            # <s> before every document
     c.data.add_eos = True            # </s> after every document, so the model learns where text ends
+    c.data.train = ()                # post-training record files (configs/sft.py, reward.py, dpo.py)
+    c.data.eval = ()                 # held-out record files (post-training)
+    c.data.format = "auto"           # record layout (post-training): auto, alpaca, sharegpt, messages
+    c.data.template = "alpaca"       # prompt template (post-training): alpaca, alpaca_zh, chat
+    c.data.overlong = "skip"         # a record longer than seq_len (post-training): skip or truncate_prompt
+    c.data.pack = True               # SFT: several samples per row
+    c.data.on_error = "raise"        # a malformed record: raise (file:line:field) or skip (counted)
+
+    c.reward = ml_collections.ConfigDict()   # reward-model objective (configs/reward.py)
+    c.reward.center = 0.0            # weight of (r_chosen + r_rejected)²
+    c.reward.use_margin = True       # subtract a record's margin inside the sigmoid
+    c.reward.histogram_bins = 30     # bins of the gap histograms
+
+    c.dpo = ml_collections.ConfigDict()      # DPO objective (configs/dpo.py)
+    c.dpo.beta = 0.1                 # KL anchor strength
+    c.dpo.loss = "sigmoid"           # sigmoid (DPO / cDPO) or ipo
+    c.dpo.label_smoothing = 0.0      # cDPO's assumed label noise
+    c.dpo.reference = "cached"       # reference log-probs: cached once, or online every step
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3 if model == "tiny" else 3e-4   # peak learning rate
@@ -74,6 +92,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.log_every = 10           # steps between log lines / metrics.jsonl rows
     c.train.eval_every = 100         # steps between held-out evaluations; 0 = only at the end
     c.train.eval_batches = 8         # held-out batches per evaluation; 0 = all of them
+    c.train.eval_at_start = False    # also evaluate before the first step
     c.train.save_every = 100         # steps between checkpoints; 0 = only at the end
     c.train.keep_checkpoints = 3     # newest checkpoints kept
     c.train.async_checkpointing = True  # write checkpoints in the background

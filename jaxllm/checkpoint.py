@@ -148,14 +148,29 @@ def resolve(path: str) -> dict:
             "tokenizer": str(tok) if tok.exists() else None}
 
 
+def _restore_target(saved_meta, model_cfg: ModelConfig, where, shardings=None) -> dict:
+    """Restore target built from what the checkpoint holds, checked against the model config's spec: the
+    decoder must match it exactly; extra top-level entries (an objective's head) are kept."""
+    saved_meta = getattr(saved_meta, "tree", saved_meta)
+    wanted = abstract_params(model_cfg)
+    problems = [p for p in _shape_mismatches(saved_meta, wanted)
+                if not (p.endswith("in the checkpoint but not in the config") and p.split("/")[0] not in wanted)]
+    if problems:
+        raise CheckpointMismatchError(f"{where} does not match its model config:\n  " + "\n  ".join(problems))
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved_meta)
+    if shardings is not None:
+        for key, sub in shardings.items():
+            target[key] = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                       target[key], sub)
+    return target
+
+
 def load_params(path: str, shardings=None) -> tuple[dict, ModelConfig, str | None]:
     """(params, model_cfg, tokenizer_path) from any checkpoint a command accepts. `shardings`, a tree
-    matching the params, places them directly; by default they land on the default device."""
+    matching the decoder params, places them directly; by default they land on the default device.
+    Heads saved with the params (a reward model's) come back too."""
     info = resolve(path)
     model_cfg = info["model_cfg"]
-    abstract = abstract_params(model_cfg)
-    if shardings is not None:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     if info["kind"] == "hf":
         from jaxllm.model.convert import from_hf
         params, model_cfg = from_hf(info["hf_dir"])
@@ -164,22 +179,22 @@ def load_params(path: str, shardings=None) -> tuple[dict, ModelConfig, str | Non
     elif info["kind"] == "params":
         with ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(info["params_dir"])
-            meta = getattr(meta, "item_metadata", meta)
-            problems = _shape_mismatches(getattr(meta, "tree", meta), abstract)
-            if problems:
-                raise CheckpointMismatchError(f"{info['params_dir']} does not match its model config:\n  "
-                                              + "\n  ".join(problems))
-            params = ckptr.restore(info["params_dir"], abstract)
+            target = _restore_target(getattr(meta, "item_metadata", meta), model_cfg, info["params_dir"], shardings)
+            params = ckptr.restore(info["params_dir"], target)
     else:
         # Restore only the params subtree of the train state: the optimizer state is not needed.
         state_dir = info["step_dir"] / "state"
         with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(state_dir)
+            meta = getattr(meta, "item_metadata", meta)
+            meta = getattr(meta, "tree", meta)
+            target = _restore_target(meta["params"], model_cfg, state_dir, shardings)
             restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                                                        dtype=a.dtype)
                                         if getattr(a, "sharding", None) is not None
-                                        else ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+                                        else ocp.RestoreArgs(restore_type=np.ndarray), target)
             restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-                item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
+                item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
             params = restored["params"]
         params = jax.tree.map(jax.numpy.asarray, params)
     logging.info("loaded %s checkpoint %s", info["kind"], path)

@@ -90,12 +90,35 @@ class DataConfig:
     text_split: str = "line"        # documents in .txt files: "line", "paragraph" (blank line) or "file"
     add_bos: bool = True
     add_eos: bool = True
+    # Mixtures (data/mixture.py): one component per entry of `sources`.
+    weights: tuple = ()             # share of training tokens per source, parallel to `sources`; () = one
+                                    # stream of all sources in their natural proportion
+    exhaustion: tuple = ()          # per source "repeat" (new epoch, reshuffled) or "stop"; () = all repeat
+    mix: str = "documents"          # "documents": mix before packing; "rows": pack per source, mix rows
+    weight_schedule: tuple = ()     # ((step, (w, ...)), ...): from `step` on, these weights replace `weights`
+    max_doc_chars: int = 0          # longer documents are skipped and counted; 0 = no limit
+    workers: int = 0                # Grain worker processes building training rows; 0 = in this process
+    # Post-training records (sft, reward, dpo): see data/formats.py for the layouts read.
+    train: tuple[str, ...] = ()     # instruction or preference files (JSON array or JSON Lines)
+    eval: tuple[str, ...] = ()      # held-out record files; empty = hold out eval_fraction of `train`
+    format: str = "auto"            # "auto" (detected per file) | "alpaca" | "sharegpt" | "messages"
+    template: str = "alpaca"        # prompt template (data/templates.py): "alpaca", "alpaca_zh", "chat"
+    overlong: str = "skip"          # a sample longer than seq_len: "skip" or "truncate_prompt" (from the left)
+    pack: bool = True               # SFT: pack several samples per row (document-masked)
+    on_error: str = "raise"         # a malformed record: "raise" (file:line:field) or "skip" (counted)
 
     def validate(self, where: str = "data") -> None:
         _check(self.seq_len > 1, f"{where}.seq_len must be > 1")
+        _check(self.overlong in ("skip", "truncate_prompt"), f"{where}.overlong must be 'skip' or 'truncate_prompt'")
+        _check(self.on_error in ("raise", "skip"), f"{where}.on_error must be 'raise' or 'skip'")
+        _check(self.format in ("auto", "alpaca", "sharegpt", "messages"),
+               f"{where}.format must be auto, alpaca, sharegpt or messages, got {self.format!r}")
         _check(0.0 <= self.eval_fraction < 1.0, f"{where}.eval_fraction must be in [0, 1)")
         _check(self.text_split in ("line", "paragraph", "file"),
                f"{where}.text_split must be 'line', 'paragraph' or 'file', got {self.text_split!r}")
+        _check(self.mix in ("documents", "rows"), f"{where}.mix must be 'documents' or 'rows', got {self.mix!r}")
+        _check(self.max_doc_chars >= 0 and self.workers >= 0, f"{where}.max_doc_chars and {where}.workers must be >= 0")
+        validate_mixture(self.sources, self.weights, self.exhaustion, self.weight_schedule, where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +181,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100           # 0 disables periodic evaluation
     eval_batches: int = 8
+    eval_at_start: bool = False     # also evaluate before the first step (reward: the gap starts near 0)
     save_every: int = 100           # 0 = only at the end
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
@@ -169,6 +193,32 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Bradley-Terry reward model."""
+    center: float = 0.0             # weight of (r_chosen + r_rejected)², keeps rewards centred on zero
+    use_margin: bool = True         # subtract a record's `margin` inside the sigmoid
+    histogram_bins: int = 30        # bins of the gap histograms drawn at each evaluation
+
+    def validate(self, where: str = "reward") -> None:
+        _check(self.center >= 0, f"{where}.center must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Direct Preference Optimization against a frozen reference (the init_from model)."""
+    beta: float = 0.1               # strength of the KL anchor to the reference
+    loss: str = "sigmoid"           # "sigmoid" (DPO; with label_smoothing: cDPO) or "ipo"
+    label_smoothing: float = 0.0    # assumed share of flipped labels (sigmoid loss only)
+    reference: str = "cached"       # "cached": reference log-probs computed once; "online": every step
+
+    def validate(self, where: str = "dpo") -> None:
+        _check(self.beta > 0, f"{where}.beta must be > 0")
+        _check(self.loss in ("sigmoid", "ipo"), f"{where}.loss must be 'sigmoid' or 'ipo'")
+        _check(0 <= self.label_smoothing < 0.5, f"{where}.label_smoothing must be in [0, 0.5)")
+        _check(self.reference in ("cached", "online"), f"{where}.reference must be 'cached' or 'online'")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run. `workdir` holds everything it writes (DESIGN.md, Workdir)."""
     model: ModelConfig = ModelConfig()
@@ -176,7 +226,9 @@ class Config:
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
-    objective: str = "lm"           # "lm" (pretraining); later objectives register in objectives.py
+    reward: RewardConfig = RewardConfig()
+    dpo: DPOConfig = DPOConfig()
+    objective: str = "lm"           # "lm" | "sft" | "reward" | "dpo" (objectives.py)
     workdir: str = ""
     tokenizer: str = ""             # path to a SentencePiece tokenizer.model; empty = train one on data.sources
     tokenizer_vocab_size: int = 8000  # vocabulary of the tokenizer trained when `tokenizer` is empty
@@ -194,6 +246,38 @@ class Config:
         _check(self.data.seq_len <= self.model.max_seq_len,
                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         return self
+
+
+def validate_mixture(sources, weights, exhaustion=(), schedule=(), where: str = "data") -> None:
+    """Weights, exhaustion policies and the weight schedule against the sources; errors name the source."""
+    def check_weights(ws, field):
+        _check(len(ws) == len(sources), f"{field} has {len(ws)} entries but {where}.sources has {len(sources)} "
+               f"({', '.join(map(repr, sources))}): give one weight per source")
+        for src, w in zip(sources, ws):
+            _check(isinstance(w, (int, float)) and not isinstance(w, bool) and w == w,
+                   f"{field}: the weight of source {src!r} must be a number, got {w!r}")
+            _check(w >= 0, f"{field}: the weight of source {src!r} is negative ({w})")
+        _check(any(w > 0 for w in ws), f"{field}: all weights are zero; at least one source needs a weight > 0")
+    if weights:
+        check_weights(weights, f"{where}.weights")
+    _check(bool(weights or schedule) or not exhaustion,
+           f"{where}.exhaustion applies to a mixture: set {where}.weights too")
+    if exhaustion:
+        _check(len(exhaustion) == len(sources), f"{where}.exhaustion has {len(exhaustion)} entries but "
+               f"{where}.sources has {len(sources)}")
+        for src, e in zip(sources, exhaustion):
+            _check(e in ("repeat", "stop"), f"{where}.exhaustion of source {src!r} must be 'repeat' or 'stop', got {e!r}")
+    last = -1
+    for i, entry in enumerate(schedule):
+        _check(isinstance(entry, (tuple, list)) and len(entry) == 2,
+               f"{where}.weight_schedule[{i}] must be (step, (weight, ...)), got {entry!r}")
+        step, ws = entry
+        _check(isinstance(step, int) and step > last, f"{where}.weight_schedule[{i}]: steps must be integers in "
+               f"increasing order, got {step!r} after {last}")
+        check_weights(tuple(ws), f"{where}.weight_schedule[{i}] (step {step})")
+        last = step
+    _check(bool(weights) or not schedule or schedule[0][0] == 0,
+           f"{where}.weight_schedule must start at step 0 when {where}.weights is empty")
 
 
 def _check(ok: bool, message: str) -> None:

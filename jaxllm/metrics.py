@@ -116,3 +116,54 @@ def plot_curves(metrics_path: str, out_png: str, keys=("train/loss", "eval/loss"
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def record_gap_distribution(workdir: str, step: int, gaps, bins: int = 30) -> None:
+    """Reward-model figures: this evaluation's histogram of r_chosen − r_rejected, and the mean ± std curve
+    over every evaluation so far (kept in eval/reward_gaps.jsonl so a resumed run extends it)."""
+    import numpy as np
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gaps = np.asarray(gaps, np.float64)
+    history_path = Path(workdir) / "eval" / "reward_gaps.jsonl"
+    history_path.parent.mkdir(parents=True, exist_ok=True)
+    row = {"step": int(step), "mean": float(gaps.mean()), "var": float(gaps.var()),
+           "accuracy": float((gaps > 0).mean()), "n": int(gaps.size), "gaps": [round(float(g), 5) for g in gaps]}
+    with history_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    history = {r["step"]: r for r in read_metrics(str(history_path))}   # a resumed run may repeat a step
+    plots = Path(workdir) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.hist(gaps, bins=bins, color="tab:blue", alpha=0.8)
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_title(f"reward gap r_chosen − r_rejected at step {step}: mean {row['mean']:.3f}, "
+                 f"var {row['var']:.3f}, acc {row['accuracy']:.2f}", fontsize=9)
+    ax.set_xlabel("gap")
+    ax.set_ylabel("held-out pairs")
+    fig.tight_layout()
+    fig.savefig(plots / f"reward_gap_hist_step{step:06d}.png", dpi=110)
+    plt.close(fig)
+
+    steps = sorted(history)
+    means = np.array([history[s]["mean"] for s in steps])
+    stds = np.sqrt([history[s]["var"] for s in steps])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(steps, means, marker="o", label="mean gap")
+    left.fill_between(steps, means - stds, means + stds, alpha=0.25, label="± std")
+    left.axhline(0.0, color="black", linewidth=1)
+    left.set_xlabel("step")
+    left.set_ylabel("r_chosen − r_rejected")
+    left.legend()
+    chosen = [steps[0], steps[len(steps) // 2], steps[-1]] if len(steps) > 2 else steps
+    for s in dict.fromkeys(chosen):
+        right.hist(history[s]["gaps"], bins=bins, alpha=0.45, label=f"step {s}")
+    right.axvline(0.0, color="black", linewidth=1)
+    right.set_xlabel("gap")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(plots / "reward_gap_curve.png", dpi=110)
+    plt.close(fig)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm.config import ModelConfig
-from jaxllm.losses import token_cross_entropy
+from jaxllm.losses import bradley_terry, dpo, token_cross_entropy
+from jaxllm.model.heads import pair_logprobs, pair_rewards
 from jaxllm.model.transformer import forward
 
 
@@ -31,6 +32,34 @@ def lm_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, z_loss: float
     sums = token_cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
     total = sums.pop("loss")                       # what is differentiated: cross-entropy + z-loss
     return total, {"loss": sums["nll"], "z_loss": sums["z_loss"], "count": sums["tokens"]}
+
+
+def reward_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, center: float = 0.0, use_margin: bool = True):
+    """Bradley-Terry on (chosen, rejected) pairs; batch arrays are (batch, 2, length), margin (batch,)."""
+    rewards = pair_rewards(params, batch, model_cfg)                          # (batch, 2)
+    margin = batch["margin"] if use_margin else jnp.zeros_like(batch["margin"])
+    sums = bradley_terry(rewards[:, 0], rewards[:, 1], margin, batch["weight"], center)
+    return sums["loss"], sums
+
+
+def dpo_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, beta: float, kind: str = "sigmoid",
+             label_smoothing: float = 0.0):
+    """DPO with the reference log-probabilities computed on the fly from frozen["reference"]."""
+    policy = pair_logprobs(params, batch, model_cfg)                          # (batch, 2)
+    reference = jax.lax.stop_gradient(pair_logprobs(frozen["reference"], batch, model_cfg))
+    sums = dpo(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], batch["weight"], beta, kind,
+               label_smoothing)
+    return sums["loss"], sums
+
+
+def dpo_loss_cached(params, batch, frozen=None, *, model_cfg: ModelConfig, beta: float, kind: str = "sigmoid",
+                    label_smoothing: float = 0.0):
+    """DPO with reference log-probabilities computed once before training and carried in the batch."""
+    policy = pair_logprobs(params, batch, model_cfg)
+    reference = batch["ref_logp"]                                             # (batch, 2)
+    sums = dpo(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], batch["weight"], beta, kind,
+               label_smoothing)
+    return sums["loss"], sums
 
 
 def _accumulate_gradients(loss_fn, params, batch, frozen, accum_steps: int):
@@ -81,3 +110,22 @@ def train_step_lm(state, batch, frozen=None, *, model_cfg: ModelConfig, tx, z_lo
 
 def eval_step_lm(params, batch, frozen=None, *, model_cfg: ModelConfig) -> dict:
     return eval_step(params, batch, frozen, loss_fn=functools.partial(lm_loss, model_cfg=model_cfg))
+
+
+def train_step_sft(state, batch, frozen=None, *, model_cfg: ModelConfig, tx, accum_steps: int = 1):
+    """SFT is next-token loss on rows whose loss mask covers the answers only (data/chat_pipeline.py)."""
+    return train_step(state, batch, frozen, loss_fn=functools.partial(lm_loss, model_cfg=model_cfg), tx=tx,
+                      accum_steps=accum_steps)
+
+
+def train_step_reward(state, batch, frozen=None, *, model_cfg: ModelConfig, tx, center: float = 0.0,
+                      accum_steps: int = 1):
+    return train_step(state, batch, frozen, loss_fn=functools.partial(reward_loss, model_cfg=model_cfg,
+                                                                      center=center), tx=tx, accum_steps=accum_steps)
+
+
+def train_step_dpo(state, batch, frozen, *, model_cfg: ModelConfig, tx, beta: float, kind: str = "sigmoid",
+                   label_smoothing: float = 0.0, accum_steps: int = 1):
+    return train_step(state, batch, frozen, loss_fn=functools.partial(dpo_loss, model_cfg=model_cfg, beta=beta,
+                                                                      kind=kind, label_smoothing=label_smoothing),
+                      tx=tx, accum_steps=accum_steps)

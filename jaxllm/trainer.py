@@ -219,7 +219,8 @@ class _Run:
                         self.cfg.train.eval_batches)
         out = self.objective.report(sums) if sums and sums["count"] > 0 else {}
         if self.objective.eval_hook is not None:
-            out.update(self.objective.eval_hook(step, state["params"], self.cfg.workdir))
+            put = functools.partial(global_batch, shardings=self.batch_sh)
+            out.update(self.objective.eval_hook(step, state["params"], put, self.cfg.workdir))
         if out:
             logging.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in out.items()))
             self.writer.write(step, out)
@@ -233,6 +234,8 @@ class _Run:
         stop = _StopFlag()
         last: dict = {}
         t_last, step_last, step = time.time(), start, start
+        if train_cfg.eval_every and train_cfg.eval_at_start and start == 0:
+            last.update(self.eval_metrics(state, 0))
         tokens_shape = ()
         try:
             while step < train_cfg.steps:

@@ -14,7 +14,7 @@ from jaxllm.cli import load_config
 from jaxllm.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.py"))
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if not p.name.startswith("_"))
 
 
 def jaxllm(*args, timeout=600):

@@ -1,0 +1,209 @@
+"""Pipelines of the post-training objectives: SFT rows and preference pairs.
+
+Records are encoded once at start-up (instruction sets are small next to pretraining corpora), so every
+skip is counted before training and logged: too long, no trainable token left. The streams are Grain
+pipelines, seeded and checkpointable like the pretraining one.
+
+SFT rows pack whole samples greedily (a sample is never split across rows; attention never crosses samples
+through segment ids; positions restart per sample). Loss falls on assistant tokens only.
+Preference batches hold (chosen, rejected) pairs side by side: arrays of shape (batch, 2, seq_len).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from jaxllm.data.templates import Segment, encode_segments, get_template, render
+
+
+@dataclasses.dataclass
+class Encoded:
+    ids: list[int]
+    train_mask: list[int]   # 1 where the token is a training target (an assistant token)
+
+
+def _fit(ids: list[int], mask: list[int], seq_len: int, overlong: str, keep: int = 1):
+    """Cuts the prompt from the left (keeping the first `keep` tokens, the bos) until it fits, or gives up.
+    Returns (ids, mask) or None when the sample cannot be kept."""
+    if len(ids) <= seq_len:
+        return ids, mask
+    if overlong != "truncate_prompt":
+        return None
+    first_target = mask.index(1) if 1 in mask else len(mask)
+    excess = len(ids) - seq_len
+    if first_target - keep < excess:          # the response alone does not fit
+        return None
+    return ids[:keep] + ids[keep + excess:], mask[:keep] + mask[keep + excess:]
+
+
+def encode_sft(conversations: Sequence[list[dict]], tokenizer, *, template: str, seq_len: int,
+               overlong: str = "skip") -> list[Encoded]:
+    """Conversations -> token ids and assistant masks; skips are counted and logged."""
+    out, skipped = [], {"too long": 0, "no trainable token": 0}
+    for conv in conversations:
+        ids, mask = encode_segments(render(conv, template), tokenizer)
+        fitted = _fit(ids, mask, seq_len, overlong)
+        if fitted is None:
+            skipped["too long"] += 1
+            continue
+        ids, mask = fitted
+        if sum(mask[1:]) == 0:                 # the first token is never a target
+            skipped["no trainable token"] += 1
+            continue
+        out.append(Encoded(ids, mask))
+    logging.info("SFT samples: %d kept, %s (overlong=%s, seq_len=%d)", len(out),
+                 ", ".join(f"{v} skipped: {k}" for k, v in skipped.items()), overlong, seq_len)
+    if not out:
+        raise ValueError(f"no SFT sample is left after encoding ({skipped}); raise data.seq_len?")
+    return out
+
+
+def sample_rows(samples: Sequence[Encoded], seq_len: int) -> list[dict]:
+    """Greedy packing of whole samples into rows (a helper for tests and tools; the pipeline streams)."""
+    ds = grain.MapDataset.source([dataclasses.asdict(s) for s in samples]).to_iter_dataset()
+    return list(_SftPackDataset(ds, seq_len, flush=True))
+
+
+def _row(samples: list[dict], seq_len: int) -> dict:
+    tokens = np.zeros(seq_len, np.int32)
+    targets = np.zeros(seq_len, np.int32)
+    loss_mask = np.zeros(seq_len, np.float32)
+    segment_ids = np.zeros(seq_len, np.int32)
+    positions = np.zeros(seq_len, np.int32)
+    at = 0
+    for seg, s in enumerate(samples, 1):
+        n = len(s["ids"])
+        ids = np.asarray(s["ids"], np.int32)
+        tokens[at:at + n] = ids
+        targets[at:at + n - 1] = ids[1:]                                   # next token within the sample
+        loss_mask[at:at + n - 1] = np.asarray(s["train_mask"][1:], np.float32)
+        segment_ids[at:at + n] = seg
+        positions[at:at + n] = np.arange(n)
+        at += n
+    return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "segment_ids": segment_ids,
+            "positions": positions}
+
+
+class _SftPackIterator(grain.DatasetIterator):
+    """Packs whole samples into rows; a sample that does not fit starts the next row."""
+
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, flush: bool = False):
+        super().__init__(parent)
+        self._seq_len, self._flush = seq_len, flush
+        self._pending: dict | None = None     # the sample that did not fit in the previous row
+
+    def __next__(self) -> dict:
+        row, used = [], 0
+        while True:
+            sample = self._pending
+            self._pending = None
+            if sample is None:
+                try:
+                    sample = next(self._parent)
+                except StopIteration:
+                    if row and self._flush:
+                        return _row(row, self._seq_len)
+                    raise
+            if used + len(sample["ids"]) > self._seq_len:
+                self._pending = sample
+                return _row(row, self._seq_len)
+            row.append(sample)
+            used += len(sample["ids"])
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state(), "pending": self._pending}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._pending = state["pending"]
+
+
+class _SftPackDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, seq_len: int, flush: bool):
+        super().__init__(parent)
+        self._seq_len, self._flush = seq_len, flush
+
+    def __iter__(self):
+        return _SftPackIterator(self._parent.__iter__(), self._seq_len, self._flush)
+
+
+def _source(items: list, *, seed: int, shuffle: bool, repeat: bool, process_index: int, process_count: int):
+    ds = grain.MapDataset.source(items)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds[process_index::process_count]     # each record read by exactly one process per epoch
+    return ds.repeat() if repeat else ds
+
+
+def sft_pipeline(samples: Sequence[Encoded], *, seq_len: int, batch_size: int, seed: int, pack: bool = True,
+                 shuffle: bool = True, repeat: bool = True, process_index: int = 0, process_count: int = 1):
+    """Batches {tokens, targets, loss_mask, segment_ids, positions}, each (batch_size, seq_len)."""
+    items = [dataclasses.asdict(s) for s in samples]
+    ds = _source(items, seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index,
+                 process_count=process_count)
+    if pack:
+        rows = _SftPackDataset(ds.to_iter_dataset(), seq_len, flush=not repeat)
+    else:
+        rows = ds.map(lambda s: _row([s], seq_len)).to_iter_dataset()
+    return rows.batch(batch_size, drop_remainder=repeat).__iter__()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preference pairs.
+
+def encode_pairs(pairs: Sequence[dict], tokenizer, *, template: str, seq_len: int,
+                 overlong: str = "truncate_prompt") -> list[dict]:
+    """Each pair -> {"chosen": Encoded, "rejected": Encoded, "margin"}; the prompt is shared, the
+    responses carry the mask. Over-long pairs lose prompt tokens from the left, or are skipped (counted)."""
+    out, skipped = [], 0
+    suffix = get_template(template).assistant_suffix if isinstance(template, str) else template.assistant_suffix
+    for pair in pairs:
+        prompt_ids, _ = encode_segments(render(pair["prompt"], template, add_generation_prompt=True), tokenizer)
+        encoded = {}
+        for side in ("chosen", "rejected"):
+            resp, resp_mask = encode_segments([Segment(pair[side] + suffix, True, eos_after=True)], tokenizer,
+                                              add_bos=False)
+            fitted = _fit(prompt_ids + resp, [0] * len(prompt_ids) + resp_mask, seq_len, overlong)
+            if fitted is None:
+                break
+            encoded[side] = {"ids": fitted[0], "train_mask": fitted[1]}
+        if len(encoded) < 2:
+            skipped += 1
+            continue
+        out.append({**encoded, "margin": float(pair.get("margin", 0.0))})
+    logging.info("preference pairs: %d kept, %d skipped: too long (overlong=%s, seq_len=%d)", len(out), skipped,
+                 overlong, seq_len)
+    if not out:
+        raise ValueError("no preference pair is left after encoding; raise data.seq_len?")
+    return out
+
+
+def pair_arrays(pair: dict, seq_len: int) -> dict:
+    """One pair -> arrays of shape (2, seq_len) (chosen first) plus its margin."""
+    rows = [_row([pair[side]], seq_len) for side in ("chosen", "rejected")]
+    out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    out["margin"] = np.float32(pair["margin"])
+    for key in ("ref_logp",):                 # cached reference log-probabilities (DPO), when present
+        if key in pair:
+            out[key] = np.asarray(pair[key], np.float32)
+    return out
+
+
+def preference_pipeline(pairs: Sequence[dict], *, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
+                        repeat: bool = True, process_index: int = 0, process_count: int = 1):
+    """Batches {tokens, targets, loss_mask, segment_ids, positions: (batch, 2, seq_len), margin: (batch,)}.
+    Without repeat the last batch is padded with all-zero pairs (loss_mask 0, weight 0)."""
+    ds = _source(list(pairs), seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index,
+                 process_count=process_count)
+    ds = ds.map(lambda p: {**pair_arrays(p, seq_len), "weight": np.float32(1.0)})
+    if not repeat:
+        n = len(ds)
+        pad = (-n) % batch_size
+        if pad:
+            blank = {k: np.zeros_like(v) for k, v in ds[0].items()}
+            ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([blank] * pad)])
+    return ds.to_iter_dataset().batch(batch_size, drop_remainder=repeat).__iter__()
