@@ -16,10 +16,14 @@ import sys
 # command's flag parsing; handlers are imported only when their command runs, so `jaxllm --help` is fast.
 COMMANDS = {
     "train": ("jaxllm.cli:cmd_train", "train a model from a config file (configs/*.py)"),
-    "tokenizer": ("jaxllm.tokenizer.cli:main", "train SentencePiece tokenizers"),
+    "tokenizer": ("jaxllm.tokenizer.cli:main", "train, expand (merge), inspect and compare SentencePiece tokenizers"),
     "convert": ("jaxllm.cli:cmd_convert", "convert between Hugging Face Llama checkpoints and jaxllm checkpoints"),
     "quickstart": ("jaxllm.cli:cmd_quickstart",
                    "the main job: tokenizer + tiny LM on the built-in corpora, offline, on a CPU"),
+    "eval": ("jaxllm.eval.cli:main", "evaluate a checkpoint: perplexity (ppl), multiple choice (mcq), judge"),
+    "generate": ("jaxllm.eval.cli:generate_main", "sample continuations of prompts from a checkpoint"),
+    "serve": ("jaxllm.serve:main", "OpenAI-compatible HTTP server over a checkpoint"),
+    "instruct": ("jaxllm.instruct.cli:main", "instruction data: self-instruct through a teacher endpoint"),
 }
 
 
@@ -116,9 +120,12 @@ def cmd_quickstart(argv: list[str]) -> int:
     parser.add_argument("--workdir", default="runs/quickstart", help="where the run writes everything")
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--vocab_size", type=int, default=8000, help="tokenizer vocabulary")
+    parser.add_argument("--post_steps", type=int, default=120, help="steps of SFT and the reward model (DPO: half)")
+    parser.add_argument("--stages", default="pretrain,sft,reward,dpo", help="comma-separated stages to run")
     args = parser.parse_args(argv)
     from jaxllm.quickstart import run_quickstart
-    run_quickstart(args.workdir, steps=args.steps, vocab_size=args.vocab_size)
+    run_quickstart(args.workdir, steps=args.steps, vocab_size=args.vocab_size, post_steps=args.post_steps,
+                   stages=tuple(args.stages.split(",")))
     return 0
 
 

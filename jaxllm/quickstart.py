@@ -1,25 +1,41 @@
-"""The main job (`make demo`): offline, on a CPU, from raw built-in text to a trained, evaluated tiny LM.
+"""The main job (`make demo`): offline, on a CPU, every stage from raw built-in text to a preference-tuned
+tiny model, each stage starting from the previous one's checkpoint.
 
-1) load the built-in corpora (People's Daily 1998, product reviews, Python's documentation prose);
-2) hold out 1% of the documents; 3) train a SentencePiece BPE tokenizer on the rest;
-4) pretrain a tiny Llama-style model on packed rows; 5) report held-out loss, perplexity and bits per
-character over every held-out token. Later stages (SFT, reward, DPO) add themselves here.
+1) pretrain: a SentencePiece BPE tokenizer and a tiny Llama-style LM on the built-in corpora (People's Daily
+   1998, product reviews, Python's documentation prose); held-out loss, perplexity, bits per character.
+2) sft: "判断下面评论的情感倾向" -> 正面/负面 on the reviews; held-out accuracy of the answered label.
+3) reward: prompt "下面是一条正面的评论：", chosen a positive review, rejected a negative one; held-out
+   accuracy and the reward-gap plots.
+4) dpo: the same pairs from the SFT model; implicit-reward accuracy and margin.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import random
 import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
-from jaxllm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxllm.checkpoint import load_params
+from jaxllm.config import (Config, DataConfig, DPOConfig, ModelConfig, OptimConfig, RewardConfig, TrainConfig)
 from jaxllm.data import load_documents, split_heldout
+from jaxllm.data.chat_pipeline import encode_pairs, pair_arrays
+from jaxllm.data.formats import load_sft
+from jaxllm.model.heads import pair_logprobs
+from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainer import train
 
 SOURCES = ("builtin:peoples_daily", "builtin:reviews", "builtin:pydoc")
+STAGES = ("pretrain", "sft", "reward", "dpo")
+SENTIMENT_INSTRUCTION = "判断下面评论的情感倾向，回答正面或负面。"
+LABELS = ("正面", "负面")
+POSITIVE_PROMPT = "下面是一条正面的评论："
+TEMPLATE = "alpaca_zh"
 
 
 def quickstart_config(workdir: str, steps: int = 300, vocab_size: int = 8000) -> Config:
@@ -34,36 +50,119 @@ def quickstart_config(workdir: str, steps: int = 300, vocab_size: int = 8000) ->
     ).validate()
 
 
-def run_quickstart(workdir: str, steps: int = 300, vocab_size: int = 8000) -> dict:
+def _post_config(objective: str, workdir: Path, init_from: Path, train_file: Path, steps: int, **kw) -> Config:
+    seq_len = kw.pop("seq_len", 128)
+    return Config(objective=objective, workdir=str(workdir), init_from=str(init_from),
+                  model=ModelConfig.preset("tiny", max_seq_len=seq_len),   # the architecture comes from init_from
+                  data=DataConfig(train=(str(train_file),), eval_fraction=0.1, seq_len=seq_len, template=TEMPLATE,
+                                  overlong="truncate_prompt"),
+                  optim=kw.pop("optim", OptimConfig(lr=1e-3, warmup_steps=10, weight_decay=0.0)),
+                  train=TrainConfig(steps=steps, batch_size=16, log_every=10, eval_every=max(steps // 3, 1),
+                                    eval_batches=0, save_every=0, eval_at_start=True),
+                  **kw).validate()
+
+
+def _short_reviews(name: str, n: int, seed: int) -> list[str]:
+    docs = [d for d in load_documents([f"builtin:{name}"]) if 6 <= len(d) <= 60]
+    random.Random(seed).shuffle(docs)
+    return docs[:n]
+
+
+def write_review_data(out: Path, n: int = 1200) -> tuple[Path, Path]:
+    """The built-in review experiments as record files: an SFT sentiment set and preference pairs."""
+    out.mkdir(parents=True, exist_ok=True)
+    pos, neg = _short_reviews("reviews_pos", n, 1), _short_reviews("reviews_neg", n, 2)
+    sft, pairs = out / "sentiment_sft.jsonl", out / "positive_pairs.jsonl"
+    rows = [{"instruction": SENTIMENT_INSTRUCTION, "input": r, "output": label}
+            for r, label in [(p, LABELS[0]) for p in pos] + [(q, LABELS[1]) for q in neg]]
+    random.Random(0).shuffle(rows)
+    sft.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    pairs.write_text("".join(json.dumps({"prompt": POSITIVE_PROMPT, "chosen": p, "rejected": q}, ensure_ascii=False)
+                             + "\n" for p, q in zip(pos, neg)), encoding="utf-8")
+    return sft, pairs
+
+
+def label_accuracy(checkpoint: str, sft_file: Path, eval_fraction: float, seed: int, seq_len: int) -> float:
+    """Held-out accuracy of the answered label: the model's answer is whichever of 正面 / 负面 it gives the
+    higher log-probability after the prompt (decoding constrained to the two labels)."""
+    params, model_cfg, tok_path = load_params(checkpoint)
+    _, held = split_heldout(load_sft(sft_file), eval_fraction, seed)
+    pairs = []
+    for conv in held:
+        truth = conv[-1]["content"]
+        other = LABELS[1] if truth == LABELS[0] else LABELS[0]
+        pairs.append({"prompt": conv[:-1], "chosen": truth, "rejected": other, "margin": 0.0})
+    encoded = encode_pairs(pairs, Tokenizer(tok_path), template=TEMPLATE, seq_len=seq_len, overlong="truncate_prompt")
+    logprobs = jax.jit(functools.partial(pair_logprobs, cfg=model_cfg))
+    correct = 0
+    for start in range(0, len(encoded), 32):
+        arrays = [pair_arrays(p, seq_len) for p in encoded[start:start + 32]]
+        batch = {k: np.stack([a[k] for a in arrays]) for k in ("tokens", "targets", "loss_mask", "segment_ids",
+                                                               "positions")}
+        lp = np.asarray(logprobs(params, batch))
+        correct += int(np.sum(lp[:, 0] > lp[:, 1]))
+    return correct / len(encoded)
+
+
+def run_quickstart(workdir: str, steps: int = 300, vocab_size: int = 8000, post_steps: int = 120,
+                   stages=STAGES) -> dict:
     t0 = time.time()
-    cfg = quickstart_config(workdir, steps, vocab_size)
-    logging.info("quickstart: %s, %d devices; workdir %s", jax.devices()[0].device_kind, jax.device_count(), workdir)
+    root = Path(workdir)
+    logging.info("quickstart: %s, %d devices; workdir %s", jax.devices()[0].device_kind, jax.device_count(), root)
+    report: dict = {}
+    # 1) pretraining
+    cfg = quickstart_config(str(root / "pretrain"), steps, vocab_size)
     result = train(cfg)
-    # Bits per character compare across tokenizers: total held-out NLL in bits over held-out characters.
     docs = load_documents(cfg.data.sources, jsonl_field=cfg.data.jsonl_field, text_split=cfg.data.text_split)
     _, heldout = split_heldout(docs, cfg.data.eval_fraction, cfg.train.seed)
     chars = sum(len(d) for d in heldout)
-    nll_bits = result["eval/loss"] * result["eval/tokens"] / math.log(2)
-    report = {
-        "step": result["step"],
-        "heldout_documents": len(heldout),
-        "heldout_tokens": int(result["eval/tokens"]),
-        "heldout_characters": chars,
-        "heldout_loss": result["eval/loss"],
-        "heldout_perplexity": result["eval/perplexity"],
-        "bits_per_token": result["eval/loss"] / math.log(2),
-        "bits_per_character": nll_bits / chars,
-        "train_loss": result.get("train/loss"),
-        "seconds": time.time() - t0,
-    }
-    out = Path(workdir) / "eval" / "quickstart.json"
+    report["pretrain"] = {
+        "steps": result["step"], "heldout_documents": len(heldout), "heldout_tokens": int(result["eval/tokens"]),
+        "heldout_characters": chars, "heldout_loss": result["eval/loss"],
+        "heldout_perplexity": result["eval/perplexity"], "bits_per_token": result["eval/loss"] / math.log(2),
+        # Bits per character compare across tokenizers: held-out NLL in bits over held-out characters.
+        "bits_per_character": result["eval/loss"] * result["eval/tokens"] / math.log(2) / chars,
+        "train_loss": result.get("train/loss")}
+    sft_file, pairs_file = write_review_data(root / "data")
+    if "sft" in stages:   # 2) instruction tuning
+        sft_cfg = _post_config("sft", root / "sft", root / "pretrain", sft_file, post_steps, seq_len=128)
+        result = train(sft_cfg)
+        report["sft"] = {"steps": result["step"], "heldout_answer_loss": result["eval/loss"],
+                         "heldout_label_accuracy": label_accuracy(str(root / "sft"), sft_file, 0.1, 0, 128)}
+    base = root / ("sft" if "sft" in stages else "pretrain")
+    if "reward" in stages:   # 3) reward model
+        rm_cfg = _post_config("reward", root / "reward", base, pairs_file, post_steps, reward=RewardConfig(center=0.01))
+        result = train(rm_cfg)
+        report["reward"] = {k: result[f"eval/{k}"] for k in ("accuracy", "gap_mean", "gap_var")}
+        report["reward"]["plots"] = str(root / "reward" / "plots" / "reward_gap_curve.png")
+    if "dpo" in stages:   # 4) DPO
+        dpo_cfg = _post_config("dpo", root / "dpo", base, pairs_file, max(post_steps // 2, 1),
+                               dpo=DPOConfig(beta=0.1), optim=OptimConfig(lr=5e-4, warmup_steps=5, weight_decay=0.0))
+        result = train(dpo_cfg)
+        report["dpo"] = {k: result[f"eval/{k}"] for k in ("accuracy", "reward_margin", "loss")}
+    report["seconds"] = time.time() - t0
+    out = root / "eval" / "quickstart.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print("\n".join([
-        "", "quickstart finished",
-        f"  held-out loss        {report['heldout_loss']:.4f} nats/token (perplexity {report['heldout_perplexity']:.2f})",
-        f"  bits per character   {report['bits_per_character']:.4f} over {chars} held-out characters",
-        f"  train loss           {report['train_loss']:.4f} after {report['step']} steps, {report['seconds']:.0f} s",
-        f"  loss curve           {Path(workdir) / 'plots' / 'loss.png'}",
-        f"  report               {out}", ""]))
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    print(_summary(report, root, out))
     return report
+
+
+def _summary(report: dict, root: Path, out: Path) -> str:
+    p = report["pretrain"]
+    lines = ["", "quickstart finished",
+             f"  pretrain  held-out loss {p['heldout_loss']:.4f} nats/token (perplexity {p['heldout_perplexity']:.2f}), "
+             f"{p['bits_per_character']:.4f} bits/character over {p['heldout_characters']} characters; "
+             f"loss curve {root / 'pretrain' / 'plots' / 'loss.png'}"]
+    if "sft" in report:
+        lines.append(f"  sft       held-out label accuracy {report['sft']['heldout_label_accuracy']:.3f} "
+                     f"(answer loss {report['sft']['heldout_answer_loss']:.4f})")
+    if "reward" in report:
+        r = report["reward"]
+        lines.append(f"  reward    held-out accuracy {r['accuracy']:.3f}, gap mean {r['gap_mean']:.3f} "
+                     f"var {r['gap_var']:.3f}; plots {r['plots']}")
+    if "dpo" in report:
+        d = report["dpo"]
+        lines.append(f"  dpo       implicit-reward accuracy {d['accuracy']:.3f}, margin {d['reward_margin']:.4f}")
+    lines += [f"  report    {out}  ({report['seconds']:.0f} s)", ""]
+    return "\n".join(lines)
