@@ -25,7 +25,13 @@ EXTRAS = {
     # Test-time references only; the library never imports torch. torch is pinned to the CPU build that
     # this workplace keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
     "hf": ["torch==2.13.0", "transformers>=4.45"],
-    "test": ["pytest>=8", "snownlp>=0.12"],
+    "test": ["pytest>=8", "snownlp>=0.12", "openai>=1.0",  # openai: the official client talks to `jaxllm serve`
+             "pyarrow>=14", "tensorflow-datasets>=4.9.4", "apache-beam>=2.60"],  # the data tests run in CI
+    # Data sources beyond text files: Parquet, and TFDS through tfds.data_source (TensorFlow is not needed).
+    "data": ["pyarrow>=14", "tensorflow-datasets>=4.9.4"],
+    # `jaxllm data clean --runner=<Beam runner>`; Beam 2.77 pins protobuf<7 and pyarrow<26, which the core
+    # stack (grain, orbax, tensorboardX) accepts.
+    "beam": ["apache-beam>=2.60"],
 }
 
 setup(

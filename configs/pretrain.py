@@ -43,6 +43,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.text_split = "line"       # .txt documents: "line", "paragraph" or "file"
     c.data.add_bos = True            # <s> before every document
     c.data.add_eos = True            # </s> after every document, so the model learns where text ends
+    c.data.weights = ()              # share of tokens per source, parallel to sources; () = natural proportion
+    c.data.exhaustion = ()           # per source "repeat" (reshuffled epochs) or "stop"; () = all repeat
+    c.data.mix = "documents"         # mix "documents" before packing, or pack per source and mix "rows"
+    c.data.weight_schedule = ()      # ((step, (w, ...)), ...): weights from that step on
+    c.data.max_doc_chars = 0         # skip (and count) longer documents; 0 = no limit
+    c.data.workers = 0               # Grain worker processes building rows (must divide the per-process batch)
     c.data.train = ()                # post-training record files (configs/sft.py, reward.py, dpo.py)
     c.data.eval = ()                 # held-out record files (post-training)
     c.data.format = "auto"           # record layout (post-training): auto, alpaca, sharegpt, messages

@@ -24,6 +24,9 @@ COMMANDS = {
     "generate": ("jaxllm.eval.cli:generate_main", "sample continuations of prompts from a checkpoint"),
     "serve": ("jaxllm.serve:main", "OpenAI-compatible HTTP server over a checkpoint"),
     "instruct": ("jaxllm.instruct.cli:main", "instruction data: self-instruct through a teacher endpoint"),
+    "plan-memory": ("jaxllm.plan_memory:main",
+                    "bytes per device (params, optimizer, gradients, activations) for a config and mesh"),
+    "data": ("jaxllm.data.cli:main", "data at scale: plan a mixture, prepare token shards, clean and dedup text"),
 }
 
 
@@ -91,8 +94,11 @@ def cmd_train(argv: list[str]) -> int:
         print("usage: jaxllm train --config=configs/pretrain.py[:model=tiny] [--config.<field>=<value> ...]\n\n"
               "Every field of the config file can be overridden; see the file's comments for what each does.")
         return 0
+    from jaxllm import distributed
     from jaxllm.trainer import train
     cfg = load_config(argv)
+    distributed.initialize()          # several processes (TPU pod, SLURM, JAXLLM_* env): before any device use
+    distributed.log_only_on_process_zero()
     result = train(cfg)
     logging.info("done: step %d, %s", result["step"],
                  ", ".join(f"{k}={v:.4f}" for k, v in result.items() if k.startswith("eval/")))

@@ -51,6 +51,7 @@ class ModelConfig:
     attention_impl: str = "auto"    # "xla" | "cudnn" | "splash" | "auto" (per platform)
     remat: str = "none"             # "none" | "full" | "dots" | "attn_out"
     scan_layers: bool = True        # lax.scan over stacked layers (fast compile) or a Python loop
+    valid_vocab_size: int = 0       # ids >= this are padding rows (logits masked); 0 = all rows are real tokens
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -73,8 +74,10 @@ class ModelConfig:
         for name in ("param_dtype", "compute_dtype"):
             _check(getattr(self, name) in ("float32", "bfloat16", "float16"),
                    f"{where}.{name} must be float32, bfloat16 or float16")
-        for name in ("vocab_size",):
+        for name in ("vocab_size", "valid_vocab_size"):
             _check(getattr(self, name) >= 0, f"{where}.{name} must be >= 0")
+        _check(not self.vocab_size or self.valid_vocab_size <= self.vocab_size,
+               f"{where}.valid_vocab_size ({self.valid_vocab_size}) exceeds {where}.vocab_size ({self.vocab_size})")
         for name in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len"):
             _check(getattr(self, name) > 0, f"{where}.{name} must be > 0, got {getattr(self, name)}")
 
@@ -136,6 +139,8 @@ class OptimConfig:
     decay_embeddings: bool = False  # apply weight decay to the embedding / output head too
     clip_norm: float = 1.0          # global gradient-norm clip; 0 disables
     grad_accum_steps: int = 1       # micro-batches per optimizer step (batch is split inside the step)
+    trainable: str = "all"          # "all" | "new_rows": only embedding/head rows >= new_rows_from (rest frozen)
+    new_rows_from: int = 0          # first trainable row for "new_rows"; 0 = the init_from checkpoint's vocab size
 
     def validate(self, where: str = "optim") -> None:
         _check(self.decay in ("cosine", "linear", "constant"), f"{where}.decay must be cosine, linear or constant")
@@ -143,6 +148,9 @@ class OptimConfig:
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{where}.min_lr_ratio must be in [0, 1]")
         _check(self.warmup_steps >= 0 and self.decay_steps >= 0, f"{where}.warmup_steps/decay_steps must be >= 0")
         _check(self.grad_accum_steps >= 1, f"{where}.grad_accum_steps must be >= 1")
+        _check(self.trainable in ("all", "new_rows"), f"{where}.trainable must be 'all' or 'new_rows', "
+               f"got {self.trainable!r}")
+        _check(self.new_rows_from >= 0, f"{where}.new_rows_from must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +241,9 @@ class Config:
     tokenizer: str = ""             # path to a SentencePiece tokenizer.model; empty = train one on data.sources
     tokenizer_vocab_size: int = 8000  # vocabulary of the tokenizer trained when `tokenizer` is empty
     init_from: str = ""             # checkpoint or Hugging Face dir to start from (params only)
+    resize_method: str = "none"     # init_from with a larger tokenizer: "none" (error) | "mean" | "mean_noise" |
+                                    # "subword_mean" (model/resize.py)
+    resize_pad_to_multiple: int = 128  # the resized vocabulary is padded to a multiple of this
 
     def validate(self) -> "Config":
         _check(bool(self.workdir), "workdir must be set (--config.workdir=...)")
@@ -243,6 +254,9 @@ class Config:
         _check(self.train.batch_size % self.optim.grad_accum_steps == 0,
                f"train.batch_size ({self.train.batch_size}) must be divisible by optim.grad_accum_steps "
                f"({self.optim.grad_accum_steps})")
+        _check(self.resize_method in ("none", "mean", "mean_noise", "subword_mean"),
+               f"resize_method must be none, mean, mean_noise or subword_mean, got {self.resize_method!r}")
+        _check(self.resize_pad_to_multiple >= 1, "resize_pad_to_multiple must be >= 1")
         _check(self.data.seq_len <= self.model.max_seq_len,
                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         return self
@@ -266,7 +280,8 @@ def validate_mixture(sources, weights, exhaustion=(), schedule=(), where: str = 
         _check(len(exhaustion) == len(sources), f"{where}.exhaustion has {len(exhaustion)} entries but "
                f"{where}.sources has {len(sources)}")
         for src, e in zip(sources, exhaustion):
-            _check(e in ("repeat", "stop"), f"{where}.exhaustion of source {src!r} must be 'repeat' or 'stop', got {e!r}")
+            _check(e in ("repeat", "stop"),
+                   f"{where}.exhaustion of source {src!r} must be 'repeat' or 'stop', got {e!r}")
     last = -1
     for i, entry in enumerate(schedule):
         _check(isinstance(entry, (tuple, list)) and len(entry) == 2,

@@ -16,7 +16,8 @@ import numpy as np
 
 from jaxllm.checkpoint import load_params
 from jaxllm.config import Config, ConfigError
-from jaxllm.data import load_documents, lm_pipeline, split_heldout
+from jaxllm.data import load_documents, lm_pipeline, mixture_stats, split_heldout, total_lanes
+from jaxllm.data.mixture import from_config as mixture_from_config
 from jaxllm.data.chat_pipeline import encode_pairs, encode_sft, pair_arrays, preference_pipeline, sft_pipeline
 from jaxllm.data.formats import load_pairs, load_sft
 from jaxllm.metrics import record_gap_distribution
@@ -37,6 +38,8 @@ class Objective:
     frozen: dict = dataclasses.field(default_factory=dict)   # read by the loss, never trained or saved
     # (step, params, put_batch, workdir) -> extra metrics; put_batch makes a host batch a global array.
     eval_hook: Callable[..., dict] | None = None
+    # () -> {"data/...": value}: per-source tokens and epochs so far, merged into the metrics at log steps.
+    data_stats: Callable[[], dict] | None = None
 
 
 def lm_documents(cfg: Config) -> tuple[list[str], list[str]]:
@@ -54,17 +57,20 @@ def lm_report(sums: dict) -> dict:
 
 
 def build_lm(cfg: Config, tokenizer, *, batch_size: int, process_index: int, process_count: int) -> Objective:
-    """Next-token prediction on packed rows of documents."""
-    docs, eval_docs = lm_documents(cfg)
+    """Next-token prediction on packed rows of a (weighted) mixture of sources."""
+    mixture, eval_records = mixture_from_config(cfg.data, cfg.train.seed, tokenizer)
     pipeline = functools.partial(lm_pipeline, tokenizer=tokenizer, seq_len=cfg.data.seq_len, batch_size=batch_size,
                                  add_bos=cfg.data.add_bos, add_eos=cfg.data.add_eos, process_index=process_index,
-                                 process_count=process_count)
+                                 process_count=process_count, max_doc_chars=cfg.data.max_doc_chars)
+    train_batches = pipeline(mixture, seed=cfg.train.seed, workers=cfg.data.workers)
+    lanes = total_lanes(batch_size, process_count)
     return Objective(
         loss_fn=functools.partial(lm_loss, model_cfg=cfg.model, z_loss=cfg.train.z_loss),
         specs=param_specs(cfg.model),
-        train_batches=pipeline(docs, seed=cfg.train.seed),
-        eval_batches=lambda: pipeline(eval_docs, seed=0, shuffle=False, repeat=False),
+        train_batches=train_batches,
+        eval_batches=lambda: pipeline(eval_records, seed=0, shuffle=False, repeat=False),
         report=lm_report,
+        data_stats=lambda: mixture_stats(mixture, train_batches.get_state(), lanes),
     )
 
 

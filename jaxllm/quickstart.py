@@ -28,6 +28,7 @@ from jaxllm.data.chat_pipeline import encode_pairs, pair_arrays
 from jaxllm.data.formats import load_sft
 from jaxllm.model.heads import pair_logprobs
 from jaxllm.tokenizer import Tokenizer
+from jaxllm.tokenizer.inspect import tokens_per_char_by_language
 from jaxllm.trainer import train
 
 SOURCES = ("builtin:peoples_daily", "builtin:reviews", "builtin:pydoc")
@@ -122,7 +123,9 @@ def run_quickstart(workdir: str, steps: int = 300, vocab_size: int = 8000, post_
         "heldout_perplexity": result["eval/perplexity"], "bits_per_token": result["eval/loss"] / math.log(2),
         # Bits per character compare across tokenizers: held-out NLL in bits over held-out characters.
         "bits_per_character": result["eval/loss"] * result["eval/tokens"] / math.log(2) / chars,
-        "train_loss": result.get("train/loss")}
+        "train_loss": result.get("train/loss"),
+        # How many tokens the run's own tokenizer spends per character of held-out Chinese and English.
+        "tokenizer": tokens_per_char_by_language(Path(cfg.workdir) / "tokenizer.model", heldout)}
     sft_file, pairs_file = write_review_data(root / "data")
     if "sft" in stages:   # 2) instruction tuning
         sft_cfg = _post_config("sft", root / "sft", root / "pretrain", sft_file, post_steps, seq_len=128)
@@ -153,7 +156,10 @@ def _summary(report: dict, root: Path, out: Path) -> str:
     lines = ["", "quickstart finished",
              f"  pretrain  held-out loss {p['heldout_loss']:.4f} nats/token (perplexity {p['heldout_perplexity']:.2f}), "
              f"{p['bits_per_character']:.4f} bits/character over {p['heldout_characters']} characters; "
-             f"loss curve {root / 'pretrain' / 'plots' / 'loss.png'}"]
+             f"loss curve {root / 'pretrain' / 'plots' / 'loss.png'}",
+             "  tokenizer " + ", ".join(f"{t['tokens_per_char']:.3f} tokens/character on held-out "
+                                       f"{dict(zh='Chinese', en='English')[lang]} ({t['characters']} characters)"
+                                       for lang, t in p["tokenizer"].items())]
     if "sft" in report:
         lines.append(f"  sft       held-out label accuracy {report['sft']['heldout_label_accuracy']:.3f} "
                      f"(answer loss {report['sft']['heldout_answer_loss']:.4f})")

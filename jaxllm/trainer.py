@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -21,10 +21,11 @@ import numpy as np
 import optax
 
 from jaxllm import config as config_lib
-from jaxllm import sharding
-from jaxllm.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE, RunCheckpointer, load_params, resolve
+from jaxllm import distributed, sharding
+from jaxllm.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE, RunCheckpointer, resolve
 from jaxllm.config import Config
 from jaxllm.metrics import MetricWriter, Progress, device_peak_tflops, mfu, plot_curves
+from jaxllm.model.resize import fit_run_to_tokenizer, resize_init_params
 from jaxllm.model.spec import flops_per_token, init_from_specs, logical_axes
 from jaxllm.optim import lr_schedule, make_optimizer
 from jaxllm import objectives
@@ -49,8 +50,10 @@ def state_shardings(specs, tx, mesh, rules):
     """(abstract state, shardings) from a ParamSpec tree; optimizer moments follow their parameters."""
     abstract = jax.eval_shape(lambda: init_train_state(init_from_specs(specs, jax.random.key(0)), tx))
     param_sh = sharding.tree_shardings(mesh, rules, logical_axes(specs), abstract["params"])
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
-                                   transform_non_params=lambda _: sharding.replicated(mesh))
+    # A frozen parameter (optim.trainable='new_rows': optax.multi_transform) has no moments, only a MaskedNode.
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    opt_sh = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abstract["opt_state"], param_sh,
+                                   transform_non_params=lambda _: sharding.replicated(mesh), is_leaf=masked)
     return abstract, {"step": sharding.replicated(mesh), "params": param_sh, "opt_state": opt_sh}
 
 
@@ -75,21 +78,6 @@ def _peek(batches) -> dict:
     return batch
 
 
-class _StopFlag:
-    """Set by SIGTERM (pre-emption): the loop saves a checkpoint and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. inside a test runner thread): no handler
-            pass
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
-
-
 def _prepare_workdir(cfg: Config, tokenizer: Tokenizer) -> None:
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -102,9 +90,10 @@ def _prepare_workdir(cfg: Config, tokenizer: Tokenizer) -> None:
 def evaluate(params, frozen, eval_fn, batches, shardings, max_batches: int) -> dict:
     """Adds up the eval step's sums over up to max_batches batches (0 = all)."""
     totals = None
-    for i, batch in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
+    batches = itertools.islice(batches, max_batches or None)
+    if jax.process_count() > 1:   # processes hold different shares of the held-out data: run equally many steps
+        batches = distributed.same_count(list(batches))
+    for batch in batches:
         sums = eval_fn(params, global_batch(batch, shardings), frozen)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return {k: float(v) for k, v in jax.device_get(totals).items()} if totals else {}
@@ -135,11 +124,12 @@ def _tokenizer_for_run(cfg: Config, init_tokenizer: str | None = None) -> Tokeni
     if init_tokenizer:
         return Tokenizer(init_tokenizer)
     saved = Path(cfg.workdir) / TOKENIZER_FILE
-    if not saved.exists():
+    if not saved.exists() and jax.process_index() == 0:   # the others read it from the shared workdir
         logging.info("no tokenizer given: training a %d-piece SentencePiece BPE on the training documents",
                      cfg.tokenizer_vocab_size)
         train_docs, _ = lm_documents(cfg)
         train_tokenizer(train_docs, out_dir=cfg.workdir, vocab_size=cfg.tokenizer_vocab_size)
+    distributed.barrier("jaxllm_tokenizer")
     return Tokenizer(str(saved))
 
 
@@ -154,6 +144,7 @@ def train(cfg: Config) -> dict:
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
     cfg, init_tokenizer = _architecture_from_init(cfg)
     tokenizer = _tokenizer_for_run(cfg, init_tokenizer)
+    cfg = fit_run_to_tokenizer(cfg, tokenizer.vocab_size, init_tokenizer)   # init_from + a larger tokenizer
     cfg = resolve_model_vocab(dataclasses.replace(cfg, tokenizer=str(Path(tokenizer.path).absolute())), tokenizer)
     _prepare_workdir(cfg, tokenizer)
     objective = objectives.build(cfg, tokenizer, batch_size=train_cfg.batch_size // nproc, process_index=pid,
@@ -178,7 +169,7 @@ def train(cfg: Config) -> dict:
     with sharding.use_rules(mesh, rules):
         if start is not None:
             abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-            state, data_state = ckpt.restore(start, abstract_sh)
+            state, data_state = ckpt.restore(start, abstract_sh, data_template=objective.train_batches.get_state())
             if data_state is not None:
                 objective.train_batches.set_state(data_state)
             logging.info("resumed from %s at step %d", ckpt.directory, start)
@@ -186,7 +177,7 @@ def train(cfg: Config) -> dict:
             start = 0
             key = jax.random.key(train_cfg.seed)
             if cfg.init_from:
-                params, _, _ = load_params(cfg.init_from)
+                params = resize_init_params(cfg, tokenizer, init_tokenizer)   # grown to cfg.model's vocab
                 make = lambda p, k: init_train_state(objective.extend_params(p, k), tx)  # noqa: E731
                 state = jax.jit(make, out_shardings=state_sh)(params, key)
             else:
@@ -231,7 +222,7 @@ class _Run:
         progress = Progress(train_cfg.steps, start)
         schedule = lr_schedule(cfg.optim, train_cfg.steps)
         peak = train_cfg.peak_tflops or device_peak_tflops()
-        stop = _StopFlag()
+        stop = distributed.StopSignal()   # SIGTERM: every process saves at the same step and stops
         last: dict = {}
         t_last, step_last, step = time.time(), start, start
         if train_cfg.eval_every and train_cfg.eval_at_start and start == 0:
@@ -254,15 +245,18 @@ class _Run:
                                 tokens_per_s=tokens_per_s,
                                 mfu=mfu(tokens_per_s, flops_per_token(cfg.model, tokens_shape[-1]), jax.device_count(),
                                         peak))
+                    if self.objective.data_stats is not None:   # per-source tokens/epochs (data/...)
+                        last.update(self.objective.data_stats())
                     self.writer.write(step, last)
                     logging.info(progress.line(step, {k: last[k] for k in ("train/loss", "lr", "grad_norm",
                                                                            "tokens_per_s")}))
                 if train_cfg.eval_every and step % train_cfg.eval_every == 0:
                     last.update(self.eval_metrics(state, step))
-                if (train_cfg.save_every and step % train_cfg.save_every == 0) or stop.requested:
+                stopping = stop.reached(step)   # called at every step by every process
+                if (train_cfg.save_every and step % train_cfg.save_every == 0) or stopping:
                     self.drain()
                     self.ckpt.save(step, state, batches.get_state())
-                if stop.requested:
+                if stopping:
                     break
             self.drain()
             if self.ckpt.latest_step() != step:

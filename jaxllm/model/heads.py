@@ -39,7 +39,7 @@ def pair_rewards(params, batch: dict, cfg: ModelConfig) -> jax.Array:
 def pair_logprobs(params, batch: dict, cfg: ModelConfig) -> jax.Array:
     """Summed log-probabilities of the response tokens of (chosen, rejected): (batch, 2) float32."""
     tokens, segment_ids, positions = _flatten_pairs(batch)
-    logits = logits_from_hidden(params, hidden_states(params, tokens, cfg, segment_ids, positions))
+    logits = logits_from_hidden(params, hidden_states(params, tokens, cfg, segment_ids, positions), cfg)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)                       # (2·batch, length, vocab)
     targets = batch["targets"].reshape(tokens.shape)
     mask = batch["loss_mask"].reshape(tokens.shape)
