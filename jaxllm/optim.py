@@ -50,6 +50,39 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     schedule = lr_schedule(cfg, total_steps)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=lambda p: weight_decay_mask(p, cfg.decay_embeddings))
-    if cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-    return adamw
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
+    if cfg.trainable == "new_rows":
+        return new_rows_only(tx, cfg.new_rows_from)
+    return tx
+
+
+def _zero_old_rows(first_row: int) -> optax.GradientTransformation:
+    """Zeroes the embedding rows / head columns of ids < first_row; other leaves pass through."""
+    def zero(path, u):
+        names = [getattr(k, "key", None) for k in path]
+        if names[:2] == ["embed", "embedding"]:                   # (vocab, embed)
+            return jnp.where(jnp.arange(u.shape[0])[:, None] >= first_row, u, 0)
+        if names[:2] == ["lm_head", "kernel"]:                    # (embed, vocab)
+            return jnp.where(jnp.arange(u.shape[1])[None, :] >= first_row, u, 0)
+        return u
+
+    return optax.stateless(lambda updates, params=None: jax.tree_util.tree_map_with_path(zero, updates))
+
+
+def new_rows_only(tx: optax.GradientTransformation, first_row: int) -> optax.GradientTransformation:
+    """Stage one of continued pretraining after a vocabulary expansion: only the new tokens' embedding rows and
+    head columns (ids >= first_row) learn; every other parameter stays bit-identical.
+
+    optax.multi_transform gives the frozen leaves set_to_zero, and no optimizer state (a 7B model's frozen Adam
+    moments would be 2x its size for nothing). Inside the trained leaves the old rows are masked twice: in the
+    gradient, so clipping's global norm and Adam's moments see only new rows, and in the update, because
+    weight decay would otherwise move old rows with a zero gradient."""
+    if first_row <= 0:
+        raise ValueError(f"optim.trainable='new_rows' needs the first new row (optim.new_rows_from), got {first_row}")
+    rows = _zero_old_rows(first_row)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if getattr(path[0], "key", None) in ("embed", "lm_head") else "frozen", params)
+
+    return optax.multi_transform({"train": optax.chain(rows, tx, rows), "frozen": optax.set_to_zero()}, labels)

@@ -83,12 +83,23 @@ def lm_head_weight(params) -> jax.Array:
     return params["embed"]["embedding"].T
 
 
-def logits_from_hidden(params, h: jax.Array) -> jax.Array:
+# The logit of a padding row (ids >= cfg.valid_vocab_size): exp() of it is exactly 0 next to any real logit, so
+# it carries no probability, loss or gradient; finite, so logsumexp, temperature and sorting never see inf/NaN.
+PADDED_LOGIT = -1e9
+
+
+def logits_from_hidden(params, h: jax.Array, cfg: ModelConfig | None = None) -> jax.Array:
+    """(batch, length, embed) -> (batch, length, vocab) float32 logits. With `cfg`, the logits of padding rows
+    (a vocabulary padded to a multiple by resize_vocab) are PADDED_LOGIT, so loss, perplexity and sampling all
+    ignore them: this is the one place they are masked."""
     w = lm_head_weight(params).astype(h.dtype)
     logits = jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)   # (batch, length, vocab)
+    if cfg is not None and 0 < cfg.valid_vocab_size < logits.shape[-1]:
+        real = jnp.arange(logits.shape[-1]) < cfg.valid_vocab_size               # (vocab,)
+        logits = jnp.where(real, logits, PADDED_LOGIT)
     return constrain(logits, ("batch", "length", "vocab"))
 
 
 def forward(params, tokens, cfg: ModelConfig, segment_ids=None, positions=None) -> jax.Array:
     """tokens (batch, length) int32 -> logits (batch, length, vocab) float32."""
-    return logits_from_hidden(params, hidden_states(params, tokens, cfg, segment_ids, positions))
+    return logits_from_hidden(params, hidden_states(params, tokens, cfg, segment_ids, positions), cfg)

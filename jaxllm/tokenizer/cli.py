@@ -19,7 +19,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--jsonl_field", default="text", help="text field of .jsonl inputs")
     p.add_argument("--text_split", default="line", choices=["line", "paragraph", "file"],
                    help="what a document is in .txt inputs")
+    _add_vocabulary_parsers(sub)
     args = parser.parse_args(argv)
+    if args.action != "train":
+        return _run_vocabulary_command(args)
     from jaxllm.data import load_documents
     from jaxllm.tokenizer import train_tokenizer
     docs = load_documents(args.input, jsonl_field=args.jsonl_field, text_split=args.text_split)
@@ -27,4 +30,53 @@ def main(argv: list[str]) -> int:
     tok = train_tokenizer(docs, out_dir=args.out, vocab_size=args.vocab_size, model_type=args.model_type,
                           character_coverage=args.character_coverage, user_defined_symbols=symbols)
     print(f"wrote {tok.path} ({tok.vocab_size} pieces, trained on {len(docs)} documents)")
+    return 0
+
+
+def _add_vocabulary_parsers(sub) -> None:
+    """expand / stats / show (vocabulary expansion, issue 3)."""
+    p = sub.add_parser("expand", help="merge another SentencePiece model's pieces or a word list into a base model")
+    p.add_argument("--base", required=True, help="base tokenizer.model (or its directory); its ids stay unchanged")
+    p.add_argument("--add", action="append", default=[], help="SentencePiece model whose new pieces are appended; "
+                   "repeat for several")
+    p.add_argument("--add_words", action="append", default=[], help="UTF-8 word list, one word per line, each "
+                   "added as one piece; repeat for several")
+    p.add_argument("--out", required=True, help="output directory (tokenizer.model + Hugging Face tokenizer files)")
+    p.add_argument("--skip_ascii_pieces", action="store_true", help="add only pieces with a non-ASCII character, "
+                   "so pure-ASCII text (English, code, numbers) encodes exactly as with the base")
+    p = sub.add_parser("stats", help="tokens per character / byte / word, byte fallback, unknowns, round trip")
+    p.add_argument("--tokenizer", action="append", required=True, help="tokenizer.model or directory; repeat")
+    p.add_argument("--text", action="append", required=True, help="text file, directory, glob, .jsonl or "
+                   "builtin:NAME (a document per line); repeat")
+    p.add_argument("--jsonl_field", default="text", help="text field of .jsonl inputs")
+    p.add_argument("--json", default="", help="also write the results as JSON to this file ('-' = stdout)")
+    p = sub.add_parser("show", help="print each token of a text with its id, marking byte-fallback pieces")
+    p.add_argument("--tokenizer", action="append", required=True, help="tokenizer.model or directory; repeat "
+                   "to compare")
+    p.add_argument("text", help="the text to tokenize")
+
+
+def _run_vocabulary_command(args) -> int:
+    from pathlib import Path
+
+    from jaxllm.tokenizer import inspect
+    if args.action == "expand":
+        from jaxllm.tokenizer.expand import expand_tokenizer
+        result = expand_tokenizer(args.base, args.out, add=args.add, add_words_from=args.add_words,
+                                  skip_ascii_pieces=args.skip_ascii_pieces)
+        print(result.summary())
+    elif args.action == "stats":
+        from jaxllm.data import load_documents
+        from jaxllm.tokenizer import Tokenizer
+        texts = {spec: load_documents([spec], jsonl_field=args.jsonl_field) for spec in args.text}
+        rows = [inspect.text_stats(Tokenizer(t), docs, name=Path(spec).name or spec)
+                for t in args.tokenizer for spec, docs in texts.items()]
+        print(inspect.stats_table(rows))
+        if args.json == "-":
+            print(inspect.stats_json(rows))
+        elif args.json:
+            Path(args.json).write_text(inspect.stats_json(rows) + "\n", encoding="utf-8")
+            print(f"wrote {args.json}")
+    else:
+        print("\n\n".join(inspect.format_pieces(t, args.text) for t in args.tokenizer))
     return 0
