@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and bits per character, multiple-choice accuracy, pairwise LLM-as-judge."""

@@ -1,0 +1,130 @@
+"""`jaxllm eval ppl|mcq|judge` and `jaxllm generate`: flag parsing only; the work is in the library modules."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _load(checkpoint: str, tokenizer: str | None):
+    from jaxllm.checkpoint import load_params
+    from jaxllm.tokenizer import Tokenizer
+    params, cfg, tok_path = load_params(checkpoint)
+    if not (tokenizer or tok_path):
+        raise ValueError(f"{checkpoint} carries no tokenizer; pass --tokenizer")
+    return params, cfg, Tokenizer(tokenizer or tok_path)
+
+
+def _write(report: dict, out: str | None, checkpoint: str | None, name: str) -> None:
+    """Writes the JSON report to --out, or to <workdir>/eval/<name>.json when the checkpoint is a run workdir."""
+    if out is None and checkpoint and (Path(checkpoint) / "config.json").exists():
+        out = str(Path(checkpoint) / "eval" / f"{name}.json")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+        print(f"wrote {out}")
+
+
+def _add_model_flags(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="run workdir, step dir, converted or Hugging Face dir")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the checkpoint's)")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm eval", description="evaluate a checkpoint")
+    sub = parser.add_subparsers(dest="what", required=True)
+
+    p = sub.add_parser("ppl", help="perplexity, bits per token / character / byte of text files")
+    _add_model_flags(p)
+    p.add_argument("--text", action="append", required=True, help=".txt or .jsonl file; repeat for a per-source table")
+    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's max_seq_len)")
+    p.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default: window - 1)")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--max_chars", type=int, default=None, help="score only the first N characters of each file")
+    p.add_argument("--jsonl_field", default="text", help="text field of .jsonl files")
+    p.add_argument("--out", default=None, help="JSON report path (default: <workdir>/eval/ppl.json for a workdir)")
+
+    p = sub.add_parser("mcq", help="k-shot multiple-choice accuracy (C-Eval / CMMLU / MMLU CSV layouts)")
+    _add_model_flags(p)
+    p.add_argument("--data", required=True, help="directory with dev/ and val/ or test/ CSVs (+ subject_mapping.json)")
+    p.add_argument("--shots", type=int, default=5, help="solved dev questions in each prompt")
+    p.add_argument("--split", default=None, help="split to score (default: val, else test, else dev)")
+    p.add_argument("--style", default=None, choices=["ceval", "mmlu"], help="prompt form (default: by language)")
+    p.add_argument("--subjects", default="", help="comma-separated subjects (default: all)")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per forward pass")
+    p.add_argument("--max_len", type=int, default=None, help="prompt token limit (default: the model's max_seq_len)")
+    p.add_argument("--out", default=None, help="JSON report path (default: <workdir>/eval/mcq.json for a workdir)")
+
+    p = sub.add_parser("judge", help="pairwise LLM-as-judge of two answer files")
+    p.add_argument("--questions", required=True, help="BELLE eval_set.json or FastChat question.jsonl")
+    p.add_argument("--answers_a", required=True, help="JSON Lines answers of model A")
+    p.add_argument("--answers_b", required=True, help="JSON Lines answers of model B")
+    p.add_argument("--judge_url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--judge_model", required=True, help="model id to send")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--out", default="judge", help="directory for judgements.jsonl and summary.json (resumes)")
+    p.add_argument("--parallel", type=int, default=4, help="judge calls in flight")
+    p.add_argument("--max_questions", type=int, default=None, help="judge only the first N questions")
+    p.add_argument("--max_tokens", type=int, default=512, help="judge reply length limit")
+    args = parser.parse_args(argv)
+
+    if args.what == "judge":
+        from jaxllm.eval import judge
+        from jaxllm.eval.client import ChatClient
+        questions = judge.load_questions(args.questions)[:args.max_questions]
+        client = ChatClient(args.judge_url, args.judge_model, api_key_env=args.api_key_env)
+        summary = judge.run_judge(questions, judge.load_answers(args.answers_a), judge.load_answers(args.answers_b),
+                                  client, args.out, parallel=args.parallel, max_tokens=args.max_tokens)
+        print(judge.format_table(summary))
+        print(f"wrote {Path(args.out) / 'summary.json'} and judgements.jsonl")
+        return 0
+
+    params, cfg, tok = _load(args.checkpoint, args.tokenizer)
+    if args.what == "ppl":
+        from jaxllm.eval import perplexity as ppl
+        sources = {}
+        for path in args.text:
+            sources[Path(path).name if Path(path).name not in sources else path] = ppl.read_text(
+                path, args.jsonl_field, args.max_chars)
+        report = ppl.evaluate_perplexity(params, cfg, tok, sources, window=args.window, stride=args.stride,
+                                         batch_size=args.batch_size)
+        print(ppl.format_table(report))
+        _write(report, args.out, args.checkpoint, "ppl")
+    else:
+        from jaxllm.eval import multiple_choice as mc
+        report = mc.evaluate_mcq(params, cfg, tok, args.data, shots=args.shots, split=args.split, style=args.style,
+                                 subjects=[s for s in args.subjects.split(",") if s] or None,
+                                 batch_size=args.batch_size, max_len=args.max_len)
+        print(mc.format_table(report))
+        _write(report, args.out, args.checkpoint, "mcq")
+    return 0
+
+
+def generate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jaxllm generate", description="sample continuations from a checkpoint")
+    _add_model_flags(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    parser.add_argument("--top_p", type=float, default=0.95, help="nucleus: smallest set with this probability")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    parser.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
+    parser.add_argument("--template", default=None, help="wrap each prompt as a user turn of this chat template")
+    args = parser.parse_args(argv)
+    from jaxllm.data.templates import encode_segments, render
+    from jaxllm.model.generate import SamplingParams, generate
+    params, cfg, tok = _load(args.checkpoint, args.tokenizer)
+    if args.template:
+        prompts = [encode_segments(render([{"role": "user", "content": p}], args.template, add_generation_prompt=True),
+                                   tok)[0] for p in args.prompt]
+    else:
+        prompts = [tok.encode(p, add_bos=tok.bos_id >= 0) for p in args.prompt]
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
+                              stop_ids=(tok.eos_id,) if tok.eos_id >= 0 else ())
+    for prompt, c in zip(args.prompt, generate(params, cfg, prompts, sampling, tokenizer=tok)):
+        print(f"--- {prompt!r} ({len(c.tokens)} tokens, {c.finish_reason})")
+        print(prompt + c.text if not args.template else c.text)
+    return 0
+

@@ -1,0 +1,1 @@
+"""Instruction data generation (self-instruct through an OpenAI-compatible teacher)."""
