@@ -2,18 +2,24 @@
 checkpoints (converted models) that carry their model config and tokenizer.
 
 Layouts:
-  run workdir:        <workdir>/config.json, <workdir>/tokenizer.model, <workdir>/checkpoints/<step>/{state,data}
+  run workdir:        <workdir>/config.json, <workdir>/tokenizer.model, <workdir>/checkpoints/<step>/{state,
+                      data_per_process/process_<i>-of-<n>.json} (older checkpoints: data/, process 0's only)
   converted / export: <dir>/model_config.json, <dir>/tokenizer.model, <dir>/params/
 `load_params(path)` accepts any of: a workdir (its newest step), one step's directory, a converted dir, or a
 Hugging Face Llama directory (converted on the fly).
 """
 from __future__ import annotations
 
+import asyncio
+import copy
+import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -54,6 +60,116 @@ def _shape_mismatches(saved_tree, abstract_tree) -> list[str]:
     return problems
 
 
+DATA_ITEM = "data_per_process"
+
+
+def _process_file(index: int, count: int) -> str:
+    return f"process_{index}-of-{count}.json"   # Grain's own naming for per-process iterator states
+
+
+class PerProcessJsonHandler(ocp.handlers.AsyncCheckpointHandler):
+    """Every process writes its own JSON (its data iterator's state) into the item directory; Orbax commits the
+    step only when all have. Restore gives this process's state when the process count is unchanged, and
+    every process's when it changed (see `reshard_data_state`)."""
+
+    async def async_save(self, directory, args: "PerProcessSave"):
+        text = json.dumps(args.item)   # serialised now: the iterator moves on while an async save runs
+        path = directory / _process_file(jax.process_index(), jax.process_count())
+
+        async def write():
+            path.write_text(text)
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="jaxllm_data_save")]
+
+    def save(self, directory, args: "PerProcessSave"):
+        for f in asyncio.run(self.async_save(directory, args)):
+            f.result()
+
+    def restore(self, directory, args: "PerProcessRestore | None" = None) -> dict:
+        """{"process_count": n saved, "states": {process index: state}}."""
+        found = {}
+        for f in Path(directory).glob("process_*-of-*.json"):
+            m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", f.name)
+            if m:
+                found[(int(m.group(1)), int(m.group(2)))] = f
+        counts = {n for _, n in found}
+        if len(counts) != 1 or len(found) != next(iter(counts)):
+            raise CheckpointMismatchError(f"{directory}: expected one data state per process, found "
+                                          f"{sorted(f.name for f in found.values())}")
+        saved = counts.pop()
+        own = (jax.process_index(), jax.process_count())
+        wanted = [own] if own in found else sorted(found)
+        return {"process_count": saved, "states": {i: json.loads(found[(i, n)].read_text()) for i, n in wanted}}
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(PerProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class PerProcessSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(PerProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class PerProcessRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def _lane_blocks(state, out: list) -> list:
+    """The lane states (data/mixture.py: dicts with "jaxllm_lanes") inside an iterator state, in order."""
+    if isinstance(state, dict):
+        if "jaxllm_lanes" in state:
+            out.append(state)
+        else:
+            for v in state.values():
+                _lane_blocks(v, out)
+    elif isinstance(state, list):
+        for v in state:
+            _lane_blocks(v, out)
+    return out
+
+
+def reshard_data_state(saved: dict[int, dict], template: dict, process_count: int) -> dict:
+    """This process's data state from the states saved by a different number of processes.
+
+    Sound for lane pipelines (data/mixture.py): row b of every global batch comes from lane b whatever the
+    process count, each lane's state is self-contained, and checkpoints are taken between batches. So the
+    lanes this process now owns take the saved states of the same lanes, wherever they were. `template` is
+    this process's fresh iterator state (its lane ids and the wrapping of e.g. Grain workers)."""
+    lanes = {}
+    for index, state in sorted(saved.items()):
+        for block in _lane_blocks(state, []):
+            if int(block["next"]) != 0:
+                raise CheckpointMismatchError(f"the data state of process {index} was saved in the middle of a "
+                                              f"batch; it cannot be re-split across processes")
+            lanes.update(zip(map(int, block["jaxllm_lanes"]), block["lanes"]))
+    blocks = _lane_blocks(template, [])
+    if not lanes or not blocks:
+        raise CheckpointMismatchError(
+            f"the checkpoint's data state was written by {len(saved)} process(es) and this run has "
+            f"{process_count}; this objective's data pipeline cannot re-split its position across a different "
+            f"number of processes (only the lane pipeline of `lm` can). Resume with {len(saved)} process(es), "
+            f"or start the data order afresh from init_from")
+    mine = sum(len(b["jaxllm_lanes"]) for b in blocks)
+    if mine * process_count != len(lanes) or set(lanes) != set(range(len(lanes))):
+        raise CheckpointMismatchError(
+            f"the checkpoint's data state has {len(lanes)} lanes (its global batch size) but this run has "
+            f"{mine * process_count} ({mine} per process x {process_count}): the data order depends on the "
+            f"global batch size, so keep train.batch_size as it was")
+    out = copy.deepcopy(template)
+    for block in _lane_blocks(out, []):
+        block["lanes"] = [lanes[int(i)] for i in block["jaxllm_lanes"]]
+        block["next"] = 0
+    return out
+
+
 class RunCheckpointer:
     """Orbax CheckpointManager over <workdir>/checkpoints: async saves, keep-N, resume from the newest."""
 
@@ -62,7 +178,9 @@ class RunCheckpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         # Naming the handlers lets a fresh process read an existing step's metadata before restoring it.
-        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        # "data" (process 0's iterator state only) is read from older checkpoints; new ones write DATA_ITEM.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    DATA_ITEM: PerProcessJsonHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
@@ -70,22 +188,41 @@ class RunCheckpointer:
 
     def save(self, step: int, state, data_state: dict | None) -> None:
         items = {"state": ocp.args.StandardSave(state)}
-        if data_state is not None:
-            items["data"] = ocp.args.JsonSave(data_state)
+        if data_state is not None:   # every process saves its own (its lanes of the global batch)
+            items[DATA_ITEM] = PerProcessSave(data_state)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_state) -> tuple[dict, dict | None]:
-        """abstract_state: ShapeDtypeStructs with shardings; arrays come back already sharded."""
+    def restore(self, step: int, abstract_state, data_template: dict | None = None) -> tuple[dict, dict | None]:
+        """abstract_state: ShapeDtypeStructs with shardings; arrays come back already sharded, resharded to
+        this run's mesh. The data state is this process's own; when the checkpoint was written by a different
+        number of processes it is rebuilt from theirs (`reshard_data_state`, needs `data_template`: this
+        process's fresh iterator state)."""
         meta = self.manager.item_metadata(step)["state"]
         problems = _shape_mismatches(getattr(meta, "tree", meta), abstract_state)
         if problems:
             raise CheckpointMismatchError(f"{self.directory / str(step)} does not match the config:\n  "
                                           + "\n  ".join(problems))
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if (self.directory / str(step) / "data").exists():
+        if (self.directory / str(step) / DATA_ITEM).exists():
+            items[DATA_ITEM] = PerProcessRestore()
+        elif (self.directory / str(step) / "data").exists():
             items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], restored.get("data") if "data" in items else None
+        if DATA_ITEM in items:
+            saved = restored[DATA_ITEM]
+            states, count = {int(k): v for k, v in saved["states"].items()}, saved["process_count"]
+        elif "data" in items:
+            states, count = {0: restored["data"]}, 1
+        else:
+            return restored["state"], None
+        if count == jax.process_count() and jax.process_index() in states:
+            return restored["state"], states[jax.process_index()]
+        if data_template is None:
+            raise CheckpointMismatchError(f"{self.directory / str(step)}: written by {count} process(es), "
+                                          f"restored by {jax.process_count()}; pass data_template to re-split "
+                                          f"the data state")
+        logging.info("data state: re-split from %d process(es) to %d", count, jax.process_count())
+        return restored["state"], reshard_data_state(states, data_template, jax.process_count())
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

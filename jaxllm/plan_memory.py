@@ -1,0 +1,231 @@
+"""`jaxllm plan-memory`: bytes per device of a training run, before launching it.
+
+Parameters, optimizer state and gradients come from `jax.eval_shape` of the train state and the shardings
+the trainer would give it (`trainer.state_shardings`), over an abstract mesh of the configured sizes, so a
+64-device plan needs no 64 devices and nothing is allocated. Activations are an estimate (below). Where
+the current backend has the mesh's devices, `--compile` also compiles the train step and reads XLA's
+memory analysis of the executable: what the compiler will actually ask for.
+
+Activation estimate, per device, for one micro-batch of n = batch / grad_accum_steps * seq_len /
+(data * fsdp) tokens, c bytes per compute-dtype value, and heads / kv_heads / mlp / vocab divided by
+`tensor` where they divide:
+  kept per layer per token for the backward pass, by model.remat:
+    none      c * (6D + 3*H*Dh + 3*K*Dh + 4F), plus (4 + c) * H * T for XLA attention's scores and probs
+    dots      c * (3D + H*Dh + 2*K*Dh + 2F)     matmul outputs and the layer input
+    attn_out  c * (D + H*Dh)                     attention output and the layer input
+    full      c * D                              the layer input
+  with remat, one layer's full set (the `none` row) is rebuilt at a time during the backward pass;
+  the output head adds 3 * 4 * V bytes per token (fp32 logits, their softmax and its gradient).
+D = d_model, H = heads, K = kv_heads, Dh = head_dim, F = mlp_dim, V = vocab, T = seq_len. The estimate
+leaves out XLA's temporary buffers and fragmentation: keep a margin (the warning fires above 90%).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import Config
+from jaxllm.sharding import MESH_AXES
+
+GB = 1e9
+# HBM per device (one JAX device: a GPU, or a TPU chip; a v5p-64 slice is 32 chips), GB as in the vendors'
+# datasheets (decimal, so on the safe side where a datasheet means GiB).
+CHIPS = {"h100": 80, "h200": 141, "a100": 80, "a100-40gb": 40, "l4": 24, "v4": 32, "v5e": 16, "v5p": 95,
+         "v6e": 32}
+_TPUS = ("v4", "v5e", "v5p", "v6e")
+FIT_FRACTION = 0.9   # above this share of a chip's memory the plan warns: XLA needs headroom
+
+
+def mesh_sizes(mesh_cfg, devices: int | None = None) -> dict[str, int]:
+    """The (data, fsdp, tensor) sizes. One -1 takes the devices left over; without a device count it is 1."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if devices is not None and devices % known:
+            raise ValueError(f"mesh: {devices} devices cannot be split as data={mesh_cfg.data}, "
+                             f"fsdp={mesh_cfg.fsdp}, tensor={mesh_cfg.tensor}")
+        sizes[sizes.index(-1)] = devices // known if devices is not None else 1
+    if devices is not None and math.prod(sizes) != devices:
+        raise ValueError(f"mesh: data × fsdp × tensor = {math.prod(sizes)} but --devices={devices}")
+    return dict(zip(MESH_AXES, sizes))
+
+
+def _bytes_per_device(abstract_tree, sharding_tree) -> int:
+    leaves = jax.tree.leaves(jax.tree.map(
+        lambda a, s: math.prod(s.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize, abstract_tree, sharding_tree))
+    return int(sum(leaves))
+
+
+def _divided(n: int, by: int) -> float:
+    return n / by if n % by == 0 else n   # an axis that does not divide stays replicated (sharding.py)
+
+
+def activation_bytes(model, *, tokens_per_device: float, seq_len: int, tensor: int, attention: str) -> int:
+    """The estimate in the module docstring, bytes per device."""
+    c = jnp.dtype(model.compute_dtype).itemsize
+    D, Dh, T = model.d_model, model.head_dim, seq_len
+    H, K = _divided(model.num_heads, tensor), _divided(model.num_kv_heads, tensor)
+    F, V = _divided(model.mlp_dim, tensor), _divided(model.vocab_size, tensor)
+    every = c * (6 * D + 3 * H * Dh + 3 * K * Dh + 4 * F) + ((4 + c) * H * T if attention == "xla" else 0)
+    kept = {"none": every, "dots": c * (3 * D + H * Dh + 2 * K * Dh + 2 * F), "attn_out": c * (D + H * Dh),
+            "full": c * D}[model.remat]
+    rebuilt = every if model.remat != "none" else 0
+    return int(tokens_per_device * (model.num_layers * kept + rebuilt + 3 * 4 * V))
+
+
+def _model_for_plan(cfg: Config):
+    """vocab_size 0 means "the tokenizer's": the given tokenizer's size, else the one train would build."""
+    model = cfg.model
+    if not model.vocab_size:
+        if cfg.tokenizer:
+            from jaxllm.tokenizer import Tokenizer
+            vocab = Tokenizer(cfg.tokenizer).vocab_size
+        else:
+            vocab = cfg.tokenizer_vocab_size
+        model = dataclasses.replace(model, vocab_size=vocab)
+    return model
+
+
+def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> dict:
+    """Bytes per device of params, optimizer state, gradients, the batch and activations (estimate), for the
+    LM train step of `cfg` on a mesh of cfg.mesh's sizes; nothing is allocated."""
+    from jax.sharding import AbstractMesh
+
+    from jaxllm.model.spec import count_params, param_specs
+    from jaxllm.optim import make_optimizer
+    from jaxllm.trainer import state_shardings
+
+    model = _model_for_plan(cfg)
+    sizes = mesh_sizes(cfg.mesh, devices)
+    mesh = AbstractMesh(tuple(sizes.values()), MESH_AXES)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    abstract, shardings = state_shardings(param_specs(model), tx, mesh, cfg.mesh.rules)
+    params = _bytes_per_device(abstract["params"], shardings["params"])
+    accum = cfg.optim.grad_accum_steps
+    batch, seq_len = cfg.train.batch_size, cfg.data.seq_len
+    batch_shards = sizes["data"] * sizes["fsdp"] if batch % (sizes["data"] * sizes["fsdp"]) == 0 else 1
+    tokens_per_device = batch // accum * seq_len / batch_shards
+    attention = model.attention_impl
+    if attention == "auto":
+        attention = ("splash" if chip in _TPUS else "cudnn" if chip in CHIPS else
+                     {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla"))
+    out = {
+        "model": model, "parameters": count_params(model), "mesh": sizes, "devices": math.prod(sizes.values()),
+        "tokens_per_device": tokens_per_device, "attention": attention,
+        "params": params,
+        # the optimizer's moments and counters, and the train state's step counter
+        "opt_state": (_bytes_per_device(abstract["opt_state"], shardings["opt_state"])
+                      + _bytes_per_device(abstract["step"], shardings["step"])),
+        # the step's gradients are shaped and sharded like the parameters; with accumulation a running sum too
+        "grads": params * (2 if accum > 1 else 1),
+        "batch": int(5 * 4 * batch * seq_len / batch_shards),   # tokens, targets, segments, positions, mask
+        "activations": activation_bytes(model, tokens_per_device=tokens_per_device, seq_len=seq_len,
+                                         tensor=sizes["tensor"], attention=attention),
+    }
+    out["total"] = sum(out[k] for k in ("params", "opt_state", "grads", "batch", "activations"))
+    return out
+
+
+def compiled_memory(cfg: Config) -> dict:
+    """XLA's memory analysis of the compiled LM train step on this backend's devices (per device, bytes):
+    arguments, outputs, temporaries, aliased (donated) bytes and the peak they imply."""
+    from jaxllm import sharding
+    from jaxllm.model.spec import param_specs
+    from jaxllm.optim import make_optimizer
+    from jaxllm.steps import lm_loss, train_step
+    from jaxllm.trainer import state_shardings
+
+    model = _model_for_plan(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    abstract, state_sh = state_shardings(param_specs(model), tx, mesh, cfg.mesh.rules)
+    shape = (cfg.train.batch_size, cfg.data.seq_len)
+    batch_sh = sharding.named_sharding(mesh, cfg.mesh.rules, ("batch", None), shape)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sh)
+             for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    step = jax.jit(functools.partial(train_step, loss_fn=functools.partial(lm_loss, model_cfg=model,
+                                                                           z_loss=cfg.train.z_loss),
+                                     tx=tx, accum_steps=cfg.optim.grad_accum_steps),
+                   in_shardings=(state_sh, {k: batch_sh for k in batch}, None), out_shardings=(state_sh, None),
+                   donate_argnums=(0,))
+    with sharding.use_rules(mesh, cfg.mesh.rules):
+        analysis = step.lower(state, batch, {}).compile().memory_analysis()
+    if analysis is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis")
+    out = {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:8.2f} {unit}"
+    return f"{n:8.0f} B"
+
+
+def format_plan(p: dict, chip: str | None = None, compiled: dict | None = None) -> str:
+    m, sizes = p["model"], p["mesh"]
+    lines = [
+        f"model: {p['parameters'] / 1e9:.2f}B parameters (d_model {m.d_model}, {m.num_layers} layers, vocab "
+        f"{m.vocab_size}), params {m.param_dtype}, compute {m.compute_dtype}, remat {m.remat}, attention "
+        f"{p['attention']}",
+        f"mesh: data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} ({p['devices']} devices); "
+        f"{p['tokens_per_device']:.0f} tokens per device per micro-batch",
+        "per device:",
+        f"  parameters        {_size(p['params'])}",
+        f"  optimizer state   {_size(p['opt_state'])}",
+        f"  gradients         {_size(p['grads'])}",
+        f"  batch             {_size(p['batch'])}",
+        f"  activations (est) {_size(p['activations'])}",
+        f"  total             {_size(p['total'])}",
+    ]
+    if compiled:
+        lines.append(f"compiled train step (XLA memory analysis, {jax.default_backend()}): arguments "
+                     f"{_size(compiled['argument']).strip()}, temporaries {_size(compiled['temp']).strip()}, peak "
+                     f"{_size(compiled['peak']).strip()}")
+    if chip:
+        need = max(p["total"], compiled["peak"] if compiled else 0)
+        have = CHIPS[chip] * GB
+        verdict = "fits" if need <= FIT_FRACTION * have else "DOES NOT FIT"
+        lines.append(f"{chip}: {CHIPS[chip]} GB per device -> {verdict} ({100 * need / have:.0f}% used)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jaxllm plan-memory", description="bytes per device (params, optimizer state, gradients, "
+        "activations) of a training config on its mesh, without allocating; --config.* overrides as in train")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="devices in the mesh (fills a -1 mesh size); default: the mesh's explicit sizes")
+    parser.add_argument("--chip", choices=sorted(CHIPS), default=None, help="warn if the plan does not fit it")
+    parser.add_argument("--compile", action="store_true",
+                        help="also compile the train step here and print XLA's memory analysis (needs the "
+                             "mesh's devices on this backend)")
+    config_args = [a for a in argv if a.startswith("--config")]
+    args = parser.parse_args([a for a in argv if not a.startswith("--config")])
+    from jaxllm.cli import load_config
+    if not any(a.startswith("--config.workdir") for a in config_args):
+        config_args.append("--config.workdir=unused-by-plan-memory")   # required by train, never written here
+    cfg = load_config(config_args)
+    devices = jax.device_count() if args.compile and args.devices is None else args.devices
+    p = plan(cfg, devices, args.chip)
+    compiled = None
+    if args.compile:
+        if p["devices"] != jax.device_count():
+            raise ValueError(f"--compile needs the mesh's {p['devices']} devices; this backend has "
+                             f"{jax.device_count()} ({jax.default_backend()})")
+        compiled = compiled_memory(cfg)
+    print(format_plan(p, args.chip, compiled))
+    if args.chip and max(p["total"], compiled["peak"] if compiled else 0) > FIT_FRACTION * CHIPS[args.chip] * GB:
+        print(f"WARNING: this run does not fit a {args.chip} ({CHIPS[args.chip]} GB per device, "
+              f"{FIT_FRACTION:.0%} usable): shard further (mesh.fsdp), remat more (model.remat=full), or lower "
+              f"train.batch_size / raise optim.grad_accum_steps", file=sys.stderr)
+    return 0
