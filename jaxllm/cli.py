@@ -33,8 +33,10 @@ COMMANDS = {
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         force=True)
-    for noisy in ("absl", "jax._src", "orbax", "grain"):
+    for noisy in ("jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Orbax logs through absl, and warns on every params-only restore that a metadata file is absent.
+    logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def load_config(argv: list[str]):

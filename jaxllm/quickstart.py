@@ -7,6 +7,8 @@ tiny model, each stage starting from the previous one's checkpoint.
 3) reward: prompt "下面是一条正面的评论：", chosen a positive review, rejected a negative one; held-out
    accuracy and the reward-gap plots.
 4) dpo: the same pairs from the SFT model; implicit-reward accuracy and margin.
+After pretraining and SFT: sliding-window perplexity and bits per character, a 2-shot multiple-choice
+accuracy on held-out reviews (C-Eval prompt form), and sampled continuations.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ from jaxllm.config import (Config, DataConfig, DPOConfig, ModelConfig, OptimConf
 from jaxllm.data import load_documents, split_heldout
 from jaxllm.data.chat_pipeline import encode_pairs, pair_arrays
 from jaxllm.data.formats import load_sft
+from jaxllm.eval.multiple_choice import Question, evaluate_questions
+from jaxllm.eval.perplexity import text_perplexity
+from jaxllm.model.generate import SamplingParams, generate_text
 from jaxllm.model.heads import pair_logprobs
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.tokenizer.inspect import tokens_per_char_by_language
@@ -105,6 +110,37 @@ def label_accuracy(checkpoint: str, sft_file: Path, eval_fraction: float, seed: 
     return correct / len(encoded)
 
 
+def review_questions(n: int = 120, skip: int = 1200) -> tuple[list[Question], list[Question]]:
+    """A held-out multiple-choice set from reviews the SFT and preference stages never see (their first
+    `skip` of each class): "这条评论的情感是" with options 正面 / 负面; returns (questions, shots)."""
+    pos = _short_reviews("reviews_pos", skip + n, 1)[skip:]
+    neg = _short_reviews("reviews_neg", skip + n, 2)[skip:]
+    items = [(r, "A") for r in pos] + [(r, "B") for r in neg]
+    random.Random(3).shuffle(items)
+    qs = [Question("reviews", str(i), f"评论：{r}\n这条评论的情感是", LABELS, ans, f"builtin:reviews:{i}")
+          for i, (r, ans) in enumerate(items)]
+    return qs[4:], qs[:4]
+
+
+def evaluate_model(checkpoint: Path, heldout_text: str, samples: bool = True) -> dict:
+    """Sliding-window perplexity and bits per character on held-out text, the review multiple-choice accuracy
+    (2-shot, C-Eval prompt form), and a few sampled continuations."""
+    params, cfg, tok_path = load_params(str(checkpoint))
+    tok = Tokenizer(tok_path)
+    ppl = text_perplexity(params, cfg, tok, heldout_text)
+    questions, shots = review_questions()
+    mcq = evaluate_questions(params, cfg, tok, {"reviews": questions}, {"reviews": shots}, shots=2,
+                             mapping={"reviews": {"name": "商品评论", "category": "Other"}}, style="ceval")
+    out = {"perplexity": ppl.perplexity, "bits_per_character": ppl.bits_per_char, "bits_per_byte": ppl.bits_per_byte,
+           "review_mcq_accuracy": mcq["overall"]["accuracy"], "review_mcq_questions": len(questions)}
+    if samples:
+        prompts = ["今天", "中国经济", "这个手机", "The function"]
+        texts = generate_text(params, cfg, tok, prompts, SamplingParams(max_new_tokens=30, temperature=0.8,
+                                                                         top_p=0.95, seed=0))
+        out["samples"] = {p: t for p, t in zip(prompts, texts)}
+    return out
+
+
 def run_quickstart(workdir: str, steps: int = 300, vocab_size: int = 8000, post_steps: int = 120,
                    stages=STAGES) -> dict:
     t0 = time.time()
@@ -126,12 +162,14 @@ def run_quickstart(workdir: str, steps: int = 300, vocab_size: int = 8000, post_
         "train_loss": result.get("train/loss"),
         # How many tokens the run's own tokenizer spends per character of held-out Chinese and English.
         "tokenizer": tokens_per_char_by_language(Path(cfg.workdir) / "tokenizer.model", heldout)}
+    report["pretrain"]["evaluation"] = evaluate_model(root / "pretrain", "\n".join(heldout))
     sft_file, pairs_file = write_review_data(root / "data")
     if "sft" in stages:   # 2) instruction tuning
         sft_cfg = _post_config("sft", root / "sft", root / "pretrain", sft_file, post_steps, seq_len=128)
         result = train(sft_cfg)
         report["sft"] = {"steps": result["step"], "heldout_answer_loss": result["eval/loss"],
-                         "heldout_label_accuracy": label_accuracy(str(root / "sft"), sft_file, 0.1, 0, 128)}
+                         "heldout_label_accuracy": label_accuracy(str(root / "sft"), sft_file, 0.1, 0, 128),
+                         "evaluation": evaluate_model(root / "sft", "\n".join(heldout), samples=False)}
     base = root / ("sft" if "sft" in stages else "pretrain")
     if "reward" in stages:   # 3) reward model
         rm_cfg = _post_config("reward", root / "reward", base, pairs_file, post_steps, reward=RewardConfig(center=0.01))
@@ -160,9 +198,15 @@ def _summary(report: dict, root: Path, out: Path) -> str:
              "  tokenizer " + ", ".join(f"{t['tokens_per_char']:.3f} tokens/character on held-out "
                                        f"{dict(zh='Chinese', en='English')[lang]} ({t['characters']} characters)"
                                        for lang, t in p["tokenizer"].items())]
+    e = p["evaluation"]
+    lines.append(f"  eval      sliding-window perplexity {e['perplexity']:.2f}, {e['bits_per_character']:.4f} "
+                 f"bits/character; review multiple choice (2-shot) accuracy {e['review_mcq_accuracy']:.3f} "
+                 f"over {e['review_mcq_questions']} questions")
+    lines += [f"  sample    {prompt!r} -> {text!r}" for prompt, text in e.get("samples", {}).items()]
     if "sft" in report:
         lines.append(f"  sft       held-out label accuracy {report['sft']['heldout_label_accuracy']:.3f} "
-                     f"(answer loss {report['sft']['heldout_answer_loss']:.4f})")
+                     f"(answer loss {report['sft']['heldout_answer_loss']:.4f}); review multiple choice "
+                     f"{report['sft']['evaluation']['review_mcq_accuracy']:.3f}")
     if "reward" in report:
         r = report["reward"]
         lines.append(f"  reward    held-out accuracy {r['accuracy']:.3f}, gap mean {r['gap_mean']:.3f} "
