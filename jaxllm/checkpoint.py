@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path

@@ -12,16 +12,14 @@ import pytest
 
 from jaxllm.checkpoint import save_params
 from jaxllm.config import Config, DataConfig, DPOConfig, ModelConfig, OptimConfig, RewardConfig, TrainConfig
-from jaxllm.data.chat_pipeline import encode_pairs, encode_sft, sample_rows
+from jaxllm.data.chat_pipeline import encode_sft, sample_rows
 from jaxllm.data.formats import RecordError, load_pairs, load_sft
-from jaxllm.data.templates import render
 from jaxllm.losses import bradley_terry, dpo
 from jaxllm.metrics import read_metrics
 from jaxllm.model.spec import init_params
 from jaxllm.tokenizer import Tokenizer, train_tokenizer
 from jaxllm.trainer import train
 
-needs_snownlp = pytest.importorskip
 
 
 @pytest.fixture(scope="module")

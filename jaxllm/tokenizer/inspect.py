@@ -8,7 +8,6 @@ written without spaces, and per-character is the usual unit there).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
