@@ -227,10 +227,14 @@ class _Run:
         t_last, step_last, step = time.time(), start, start
         if train_cfg.eval_every and train_cfg.eval_at_start and start == 0:
             last.update(self.eval_metrics(state, 0))
-        tokens_shape = ()
+        tokens_shape, input_wait = (), 0.0
         try:
             while step < train_cfg.steps:
+                t_wait = time.time()
                 batch = global_batch(next(batches), self.batch_sh)
+                # Host time spent waiting for input; steps are dispatched asynchronously, so on an accelerator
+                # this is time the device may sit idle only if it exceeds the step time.
+                input_wait += time.time() - t_wait
                 tokens_shape = batch["tokens"].shape
                 state, metrics = self.step_fn(state, batch, self.frozen)
                 step += 1
@@ -244,7 +248,9 @@ class _Run:
                     last.update(grad_norm=float(m["grad_norm"]), lr=float(schedule(step - 1)),
                                 tokens_per_s=tokens_per_s,
                                 mfu=mfu(tokens_per_s, flops_per_token(cfg.model, tokens_shape[-1]), jax.device_count(),
-                                        peak))
+                                        peak),
+                                input_wait_frac=input_wait / max(elapsed, 1e-9))
+                    input_wait = 0.0
                     if self.objective.data_stats is not None:   # per-source tokens/epochs (data/...)
                         last.update(self.objective.data_stats())
                     self.writer.write(step, last)

@@ -55,7 +55,8 @@ def test_loss_falls_on_real_text_and_is_logged(tmp_path, english_corpus, tokeniz
     assert train_losses[-1] < train_losses[0] - 1.0                # measured: 6.25 -> 5.04
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
     assert len(evals) == 2 and evals[-1] < evals[0]
-    assert {"lr", "grad_norm", "tokens_per_s", "mfu"} <= set(rows[0])
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "input_wait_frac"} <= set(rows[0])
+    assert all(0.0 <= r["input_wait_frac"] < 1.0 for r in rows if "input_wait_frac" in r)
     assert result["eval/loss"] == evals[-1]
 
 
