@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
+from jaxllm.data.formats import read_json_records
 from jaxllm.eval.client import ChatClient, ClientError
 
 log = logging.getLogger(__name__)
@@ -48,17 +49,11 @@ ORDERS = ("ab", "ba")       # "ab": A is Assistant 1; "ba": B is Assistant 1
 # Files.
 
 def _jsonl(path: Path) -> Iterable[tuple[int, dict]]:
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, record
+    """(line, record) from a JSON Lines (or JSON array) file; every record must be an object."""
+    for lineno, record in read_json_records(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object")
+        yield lineno, record
 
 
 def load_questions(path: str | Path) -> list[dict]:

@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+from jaxllm.data.formats import read_json_records
 from jaxllm.eval.client import ClientError
 
 log = logging.getLogger(__name__)
@@ -68,20 +69,14 @@ def load_seed_tasks(path: str | Path) -> list[dict]:
     """Alpaca / BELLE seed tasks (JSON Lines: instruction, instances[0].{input, output}) -> flat records."""
     path = Path(path)
     out = []
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                instance = r["instances"][0]
-                out.append({"instruction": r["instruction"], "input": instance.get("input", ""),
-                            "output": instance["output"]})
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            except (KeyError, IndexError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: missing field {e} (need instruction and "
-                                 f"instances[0].output)") from None
+    for lineno, r in read_json_records(path):
+        try:
+            instance = r["instances"][0]
+            out.append({"instruction": r["instruction"], "input": instance.get("input", ""),
+                        "output": instance["output"]})
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"{path}:{lineno}: missing field {e} (need instruction and "
+                             f"instances[0].output)") from None
     if not out:
         raise ValueError(f"{path}: no seed tasks")
     return out
