@@ -61,8 +61,8 @@ def _slurm(env) -> dict | None:
             "local_id": int(env.get("SLURM_LOCALID", 0))}
 
 
-def resolve(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-            env=None) -> tuple[Topology, list[int] | None]:
+def cluster_settings(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, env=None) -> tuple[Topology, list[int] | None]:
     """(topology, local device ids or None for all) from arguments and the environment; starts nothing."""
     env = os.environ if env is None else env
     mode = env.get(ENV_MODE, "auto")
@@ -104,7 +104,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     Must run before anything touches a JAX device."""
     if jax.distributed.is_initialized():
         return Topology(jax.process_index(), jax.process_count(), None, "already initialized")
-    topo, local_devices = resolve(coordinator, num_processes, process_id)
+    topo, local_devices = cluster_settings(coordinator, num_processes, process_id)
     if topo.source == "single" or topo.num_processes == 1:
         return topo
     # gloo: CPU collectives across processes (the default in jax 0.10, set for older releases and clarity);

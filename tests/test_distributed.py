@@ -166,24 +166,24 @@ def test_two_process_checkpoint_restores_in_one_process_on_another_mesh(scaleout
 # Without processes: the environment, data states, launchers, memory plan.
 
 def test_initialize_reads_explicit_settings_slurm_and_tpu_from_the_environment():
-    assert distributed.resolve(env={})[0].source == "single"
-    topo, local = distributed.resolve(env={"JAXLLM_COORDINATOR": "10.0.0.1:1234", "JAXLLM_NUM_PROCESSES": "4",
+    assert distributed.cluster_settings(env={})[0].source == "single"
+    topo, local = distributed.cluster_settings(env={"JAXLLM_COORDINATOR": "10.0.0.1:1234", "JAXLLM_NUM_PROCESSES": "4",
                                            "JAXLLM_PROCESS_ID": "3"})
     assert (topo.coordinator, topo.num_processes, topo.process_id, topo.source, local) == \
         ("10.0.0.1:1234", 4, 3, "explicit", None)
     with pytest.raises(ValueError, match="JAXLLM_PROCESS_ID not set"):
-        distributed.resolve(env={"JAXLLM_COORDINATOR": "h:1", "JAXLLM_NUM_PROCESSES": "2"})
+        distributed.cluster_settings(env={"JAXLLM_COORDINATOR": "h:1", "JAXLLM_NUM_PROCESSES": "2"})
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0",
              "SLURM_JOB_NODELIST": "gpu[03-05,09]", "SLURM_TASKS_PER_NODE": "1(x4)"}
-    topo, local = distributed.resolve(env=slurm)
+    topo, local = distributed.cluster_settings(env=slurm)
     assert (topo.coordinator, topo.num_processes, topo.process_id, topo.source, local) == \
         (f"gpu03:{12321 + 4242}", 4, 2, "slurm", None)     # one process per node: all its GPUs
-    topo, local = distributed.resolve(env={**slurm, "SLURM_NTASKS": "16", "SLURM_TASKS_PER_NODE": "4(x4)",
+    topo, local = distributed.cluster_settings(env={**slurm, "SLURM_NTASKS": "16", "SLURM_TASKS_PER_NODE": "4(x4)",
                                            "SLURM_LOCALID": "1", "JAXLLM_COORDINATOR": "gpu03:9999"})
     assert (topo.coordinator, local) == ("gpu03:9999", [1])  # one process per GPU: its own
-    assert distributed.resolve(env={**slurm, "SLURM_NTASKS": "1"})[0].source == "single"
-    assert distributed.resolve(env={**slurm, "JAXLLM_DISTRIBUTED": "off"})[0].source == "single"
-    assert distributed.resolve(env={"JAXLLM_DISTRIBUTED": "tpu"})[0].source == "tpu"
+    assert distributed.cluster_settings(env={**slurm, "SLURM_NTASKS": "1"})[0].source == "single"
+    assert distributed.cluster_settings(env={**slurm, "JAXLLM_DISTRIBUTED": "off"})[0].source == "single"
+    assert distributed.cluster_settings(env={"JAXLLM_DISTRIBUTED": "tpu"})[0].source == "tpu"
     assert distributed.first_host("node7") == "node7" and distributed.first_host("a[1,3],b2") == "a1"
 
 

@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 
 from jaxllm.data import dedup
 from jaxllm.data.filters import FilterConfig, first_failure
-from jaxllm.data.sources import _expand, open_source
+from jaxllm.data.sources import open_source, source_files
 
 log = logging.getLogger(__name__)
 EXAMPLES = 3
@@ -50,7 +50,7 @@ def input_files(inputs: Sequence[str]) -> list[str]:
     """Every input spec expanded to files (or kept as one built-in / TFDS spec), in order."""
     files = []
     for spec in inputs:
-        files += [spec] if spec.startswith(("builtin:", "tfds:")) else _expand(spec)
+        files += [spec] if spec.startswith(("builtin:", "tfds:")) else source_files(spec)
     return files
 
 
@@ -61,8 +61,8 @@ def read_file(item: tuple[int, str], opts: CleanOptions) -> Iterable[tuple[tuple
         yield (index, i), source.records[i]
 
 
-def judge(doc: tuple[tuple, str], opts: CleanOptions):
-    """(id, text, (filter, reason) or None)."""
+def apply_filters(doc: tuple[tuple, str], opts: CleanOptions):
+    """(id, text, (filter, reason) of the first filter the text fails, or None when it passes them all)."""
     return doc[0], doc[1], first_failure(doc[1], opts.lang, opts.filters, opts.skip_filters)
 
 
@@ -84,7 +84,8 @@ def summarize(items: Iterable[tuple[int, dict]]) -> dict:
     return {"docs": docs, "bytes": nbytes, "examples": examples[:EXAMPLES]}
 
 
-def _nbytes(text: str) -> int:
+def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8: the size the report counts (documents in, out and removed)."""
     return len(text.encode("utf-8"))
 
 
@@ -93,10 +94,10 @@ def clean_local(docs: Iterable[tuple[tuple, str]], opts: CleanOptions) -> tuple[
     removed: dict[str, list] = {}
     passed, docs_in, bytes_in = [], 0, 0
     for doc in docs:
-        docs_in, bytes_in = docs_in + 1, bytes_in + _nbytes(doc[1])
-        doc_id, text, failure = judge(doc, opts)
+        docs_in, bytes_in = docs_in + 1, bytes_in + utf8_size(doc[1])
+        doc_id, text, failure = apply_filters(doc, opts)
         if failure:
-            removed.setdefault(failure[0], []).append((_nbytes(text), example(doc_id, text, failure[1])))
+            removed.setdefault(failure[0], []).append((utf8_size(text), example(doc_id, text, failure[1])))
         else:
             passed.append((doc_id, text))
     groups: dict[str, list] = {}
@@ -106,14 +107,14 @@ def clean_local(docs: Iterable[tuple[tuple, str]], opts: CleanOptions) -> tuple[
     for group in groups.values():
         unique.append(group[0])
         for doc_id, text in group[1:]:
-            removed.setdefault("exact_dup", []).append((_nbytes(text), example(doc_id, text, "same normalised text",
+            removed.setdefault("exact_dup", []).append((utf8_size(text), example(doc_id, text, "same normalised text",
                                                                               group[0][0])))
     near = dedup.near_duplicates(dict(unique), threshold=opts.threshold, num_perm=opts.num_perm, k=opts.shingle)
     kept = []
     for doc_id, text in sorted(unique):
         if doc_id in near:
             kept_id, j = near[doc_id]
-            removed.setdefault("near_dup", []).append((_nbytes(text), example(doc_id, text, f"jaccard {j:.3f}",
+            removed.setdefault("near_dup", []).append((utf8_size(text), example(doc_id, text, f"jaccard {j:.3f}",
                                                                              kept_id)))
         else:
             kept.append((doc_id, text))
@@ -122,7 +123,7 @@ def clean_local(docs: Iterable[tuple[tuple, str]], opts: CleanOptions) -> tuple[
 
 def make_report(docs_in: int, bytes_in: int, kept: Sequence, removed: dict) -> dict:
     return {"docs_in": docs_in, "bytes_in": bytes_in, "docs_out": len(kept),
-            "bytes_out": sum(_nbytes(t) for _, t in kept), "removed": dict(sorted(removed.items()))}
+            "bytes_out": sum(utf8_size(t) for _, t in kept), "removed": dict(sorted(removed.items()))}
 
 
 def write_output(kept: Sequence, out: str) -> str:

@@ -1,6 +1,6 @@
 """`clean` on Apache Beam: the same per-document functions as the local path (clean.py), distributed.
 
-    files ─read─▶ (id, text) ─judge─▶ removed by a filter ───────────────────────────────┐
+    files ─read─▶ (id, text) ─check─▶ removed by a filter ───────────────────────────────┐
                                   └▶ passed ─GroupByKey(exact key)─▶ first of each group ─┤ exact_dup
                                         ─MinHash, band keys─GroupByKey─▶ candidate pairs  │
                                         ─join both shingle sets─▶ confirmed (a < b) ─────┤ near_dup (b)
@@ -72,7 +72,7 @@ def _split_near(kv):
     for text in grouped["doc"]:
         if grouped["near"]:
             a, j = min(grouped["near"])
-            yield beam.pvalue.TaggedOutput("removed", ("near_dup", (clean_lib._nbytes(text), clean_lib.example(
+            yield beam.pvalue.TaggedOutput("removed", ("near_dup", (clean_lib.utf8_size(text), clean_lib.example(
                 doc_id, text, f"jaccard {j:.3f}", a))))
         else:
             yield doc_id, text
@@ -84,7 +84,7 @@ def _exact(kv):
     group = sorted(kv[1])
     yield group[0]
     for doc_id, text in group[1:]:
-        yield beam.pvalue.TaggedOutput("removed", ("exact_dup", (clean_lib._nbytes(text), clean_lib.example(
+        yield beam.pvalue.TaggedOutput("removed", ("exact_dup", (clean_lib.utf8_size(text), clean_lib.example(
             doc_id, text, "same normalised text", group[0][0]))))
 
 
@@ -120,11 +120,11 @@ def clean_beam(files: Sequence[str], out: str, opts, runner: str, pipeline_args:
     with beam.Pipeline(options=options) as p:
         docs = (p | "files" >> beam.Create(list(enumerate(files)))
                 | "read" >> beam.FlatMap(clean_lib.read_file, opts) | "spread" >> beam.Reshuffle())
-        judged = docs | "judge" >> beam.Map(clean_lib.judge, opts)
-        filtered = (judged | "failed" >> beam.Filter(lambda d: d[2] is not None)
-                    | "filter examples" >> beam.Map(lambda d: (d[2][0], (clean_lib._nbytes(d[1]),
+        checked = docs | "filter" >> beam.Map(clean_lib.apply_filters, opts)
+        filtered = (checked | "failed" >> beam.Filter(lambda d: d[2] is not None)
+                    | "filter examples" >> beam.Map(lambda d: (d[2][0], (clean_lib.utf8_size(d[1]),
                                                                          clean_lib.example(d[0], d[1], d[2][1])))))
-        passed = judged | "passed" >> beam.Filter(lambda d: d[2] is None) | beam.Map(lambda d: (d[0], d[1]))
+        passed = checked | "passed" >> beam.Filter(lambda d: d[2] is None) | beam.Map(lambda d: (d[0], d[1]))
         exact = (passed | "exact key" >> beam.Map(lambda d: (dedup.exact_key(d[1]), d))
                  | "exact groups" >> beam.GroupByKey()
                  | "first of group" >> beam.FlatMap(_exact).with_outputs("removed", main="unique"))
@@ -145,9 +145,9 @@ def clean_beam(files: Sequence[str], out: str, opts, runner: str, pipeline_args:
         removed = ((filtered, exact.removed, split.removed) | "all removed" >> beam.Flatten()
                    | "by reason" >> beam.GroupByKey() | "summaries" >> beam.Map(_summaries)
                    | "tag removed" >> beam.Map(lambda kv: ("removed", kv)))
-        size_in = (docs | "bytes in" >> beam.Map(lambda d: (1, clean_lib._nbytes(d[1])))
+        size_in = (docs | "bytes in" >> beam.Map(lambda d: (1, clean_lib.utf8_size(d[1])))
                    | "total in" >> beam.CombineGlobally(_add_pairs) | beam.Map(lambda x: ("in", x)))
-        size_out = (kept | "bytes out" >> beam.Map(lambda d: (1, clean_lib._nbytes(d[1])))
+        size_out = (kept | "bytes out" >> beam.Map(lambda d: (1, clean_lib.utf8_size(d[1])))
                     | "total out" >> beam.CombineGlobally(_add_pairs) | beam.Map(lambda x: ("out", x)))
         ((removed, size_in, size_out) | "report pieces" >> beam.Flatten() | "gather" >> beam.combiners.ToList()
          | "assemble" >> beam.Map(_assemble)

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxllm.data import records as records_lib
-from jaxllm.data.sources import _expand, open_source
+from jaxllm.data.sources import open_source, source_files
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def plan_shards(inputs: Sequence[str], *, docs_per_shard: int, **read_kw) -> lis
             shards += [{"input": spec, "start": a, "stop": min(a + docs_per_shard, n)}
                        for a in range(0, n, docs_per_shard)]
         else:
-            for path in _expand(spec):
+            for path in source_files(spec):
                 if path.endswith(".array_record"):   # random access: split like a lazy source
                     n = len(open_source(path, **read_kw))
                     shards += [{"input": path, "start": a, "stop": min(a + docs_per_shard, n)}

@@ -79,7 +79,7 @@ def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "line
         source = Source(spec, tokens, kind="tokens", tokens=int(manifest["tokens"]))
     else:
         parts, skipped = [], collections.Counter()
-        for path in _expand(spec):
+        for path in source_files(spec):
             if path.endswith(records_lib.SHARD_SUFFIX):
                 folder = os.path.dirname(path)
                 if records_lib.is_prepared(folder):
@@ -162,7 +162,7 @@ def _heldout_indices(n: int, fraction: float, seed: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _expand(spec: str) -> list[str]:
+def source_files(spec: str) -> list[str]:
     """A file, directory or glob spec → the sorted list of files it names."""
     if os.path.isfile(spec):
         if not spec.endswith(SUFFIXES):
