@@ -17,11 +17,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sentencepiece as spm
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxllm.config import ModelConfig, model_config_from_dict
 from jaxllm.model.spec import is_spec, param_specs
+from jaxllm.tokenizer.hf_files import write_hf_tokenizer_files
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -256,35 +258,10 @@ def to_hf(params, cfg: ModelConfig, out_dir, tokenizer_path=None, max_shard_byte
 
 
 def _write_tokenizer(model_path: Path, out: Path, cfg: ModelConfig) -> dict:
-    """Copies a SentencePiece model beside the weights; returns the config.json special-token ids.
-
-    tokenizer_class is the generic PreTrainedTokenizerFast: transformers 5 builds it from tokenizer.model's
-    own proto (unigram or BPE, with its normaliser), reproducing sentencepiece's ids exactly, whereas its
-    LlamaTokenizer re-reads any .model as byte-level BPE and mis-tokenises unigram models."""
-    import sentencepiece as spm   # only needed here
-
+    """Copies a SentencePiece model beside the weights with the files transformers reads (tokenizer/hf_files.py);
+    returns the config.json special-token ids."""
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     if sp.get_piece_size() > cfg.vocab_size:
         raise ValueError(f"{model_path}: {sp.get_piece_size()} pieces exceed model.vocab_size ({cfg.vocab_size})")
     shutil.copyfile(model_path, out / "tokenizer.model")
     return write_hf_tokenizer_files(out / "tokenizer.model", cfg.max_seq_len)
-
-
-def write_hf_tokenizer_files(model_file: Path, model_max_length: int | None = None) -> dict:
-    """Writes tokenizer_config.json and special_tokens_map.json beside a SentencePiece `tokenizer.model`, so
-    `transformers.AutoTokenizer.from_pretrained(dir)` loads it; returns the config.json special-token ids.
-    Shared by `to_hf` and `jaxllm tokenizer expand` (a merged tokenizer directory)."""
-    import sentencepiece as spm   # only needed here
-
-    model_file = Path(model_file)
-    out = model_file.parent
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
-    special = {f"{k}_token": sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": sp.bos_id() >= 0,
-                        "add_eos_token": False, "clean_up_tokenization_spaces": False}
-    if model_max_length is not None:
-        tokenizer_config["model_max_length"] = model_max_length
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    return {f"{k}_token_id": (i if i >= 0 else None) for k, i in ids.items() if k != "unk"}

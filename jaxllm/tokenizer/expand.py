@@ -30,6 +30,7 @@ from typing import Iterable
 import sentencepiece as spm
 from google.protobuf.message import DecodeError
 
+from jaxllm.tokenizer.hf_files import write_hf_tokenizer_files
 from jaxllm.tokenizer.proto import model_proto_class
 from jaxllm.tokenizer.tokenizer import MODEL_FILENAME, Tokenizer, resolve_model_file
 
@@ -165,8 +166,6 @@ def expand_tokenizer(base: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     Writes `out_dir/tokenizer.model` plus tokenizer_config.json / special_tokens_map.json (transformers loads the
     directory with AutoTokenizer). Returns the counts, which are also logged."""
-    from jaxllm.model.convert import write_hf_tokenizer_files   # the one writer of HF tokenizer files
-
     add, add_words_from = list(add), list(add_words_from)
     if not add and not add_words_from:
         raise ValueError("expand needs a SentencePiece model to add (--add) or a word list (--add_words)")
