@@ -20,7 +20,7 @@ from jaxllm.eval import judge
 from jaxllm.eval.client import ChatClient
 from jaxllm.instruct import self_instruct as si
 from jaxllm.model.spec import init_params
-from jaxllm.serve import Server
+from jaxllm.serve.server import Server
 from jaxllm.tokenizer import Tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

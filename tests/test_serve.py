@@ -18,7 +18,7 @@ openai = pytest.importorskip("openai")
 from jaxllm.config import ModelConfig  # noqa: E402
 from jaxllm.model.spec import init_params  # noqa: E402
 from jaxllm.model.transformer import forward  # noqa: E402
-from jaxllm.serve import Server  # noqa: E402
+from jaxllm.serve.server import Server  # noqa: E402
 from jaxllm.tokenizer import Tokenizer  # noqa: E402
 
 MODEL = "tiny-test"

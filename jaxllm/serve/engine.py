@@ -1,5 +1,5 @@
 """The serving engine: one thread owns the model and batches the requests that are waiting, so concurrent
-clients share each decode step (used by serve.py)."""
+clients share each decode step (used by server.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,10 +15,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class _Job:
+class Job:
+    """One request's rows. The engine puts events on `events`: ("token", row, text, n_tokens, finish_reason)
+    while generating, then ("done", results) or ("error", exception)."""
     kind: str                                   # "generate" | "score"
     rows: list                                  # generate: [(ids, SamplingParams)]; score: [ids]
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+
+    def result(self, timeout: float = 600.0):
+        """Blocks until the job's result (skipping stream events); raises the engine's error."""
+        while True:
+            kind, *payload = self.events.get(timeout=timeout)
+            if kind == "done":
+                return payload[0]
+            if kind == "error":
+                raise payload[0]
 
 
 class Engine:
@@ -30,8 +41,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, kind: str, rows: list) -> _Job:
-        job = _Job(kind, rows)
+    def submit(self, kind: str, rows: list) -> Job:
+        job = Job(kind, rows)
         self._queue.put(job)
         return job
 
@@ -70,7 +81,7 @@ class Engine:
             for j in jobs:
                 j.events.put(("error", e))
 
-    def _generate(self, jobs: list[_Job]) -> None:
+    def _generate(self, jobs: list[Job]) -> None:
         owners = [(j, i) for j in jobs for i in range(len(j.rows))]
         prompts = [j.rows[i][0] for j, i in owners]
         sampling = [j.rows[i][1] for j, i in owners]
@@ -86,12 +97,3 @@ class Engine:
         for j in jobs:
             j.events.put(("done", [results[k] for k, (owner, _) in enumerate(owners) if owner is j]))
 
-
-def _wait(job: _Job, timeout: float = 600.0):
-    """Blocks until the job's result (skipping stream events)."""
-    while True:
-        kind, *payload = job.events.get(timeout=timeout)
-        if kind == "done":
-            return payload[0]
-        if kind == "error":
-            raise payload[0]

@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP server over a jaxllm checkpoint: /v1/models, /v1/completions, /v1/chat/completions.
 
 Standard library only (ThreadingHTTPServer): each connection gets a thread that parses and validates its
-request, then hands the token rows to one engine thread that owns the model. The engine takes whatever
-requests are waiting (up to --max_batch rows) and runs them as one batch through `generate`, so
+request, then hands the token rows to one engine thread that owns the model (engine.py). The engine takes
+whatever requests are waiting (up to max_batch rows) and runs them as one batch through `generate`, so
 concurrent clients share each decode step. Streaming responses are Server-Sent Events, as OpenAI sends them.
 
 Compatibility notes: completions accept a string, a list of strings, a list of token ids or a list of such
@@ -10,12 +10,11 @@ lists (what lm-evaluation-harness's local-completions model sends); a string pro
 token in front, so with `echo` its first token's logprob is that given bos, while a token-id prompt is
 used as is and its first logprob is null, as OpenAI reports it. `logprobs` (completions) and
 `logprobs`/`top_logprobs` (chat) report the model's own distribution. Non-standard fields `top_k`, and the
-server's --template for chat. Bad requests get a 4xx JSON error in OpenAI's shape; nothing a client sends
+server's template for chat. Bad requests get a 4xx JSON error in OpenAI's shape; nothing a client sends
 stops the server.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -27,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from jaxllm.data.templates import encode_segments, get_template, render
 from jaxllm.model.generate import Completion, SamplingParams
-from jaxllm.serve_engine import Engine, _Job, _wait
+from jaxllm.serve.engine import Engine, Job
 
 log = logging.getLogger(__name__)
 MAX_BODY = 16 * 1024 * 1024
@@ -76,6 +75,7 @@ class OpenAIServer:
         self.engine, self.model_name, self.template = engine, model_name, get_template(template)
         self.default_max_tokens, self.created = default_max_tokens, int(time.time())
         self.tok, self.cfg = engine.tokenizer, engine.cfg
+        self.eos_ids = (self.tok.eos_id,) if self.tok.eos_id >= 0 else ()     # a row ends at the tokenizer's eos
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
@@ -89,7 +89,9 @@ class OpenAIServer:
             raise RequestError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
                                "model", "model_not_found")
 
-    def _sampling(self, body: dict, prompt_len: int, default_max: int | None, stop_ids, stops) -> tuple[list, int]:
+    def _sampling_per_choice(self, body: dict, prompt_len: int, default_max: int | None, stop_ids,
+                             stops) -> list[SamplingParams]:
+        """One SamplingParams per requested choice (`n`) of a prompt of prompt_len tokens."""
         if prompt_len == 0:
             raise RequestError(400, "the prompt is empty (and the tokenizer has no bos token to start from)", "prompt")
         room = self.cfg.max_seq_len - prompt_len
@@ -112,7 +114,7 @@ class OpenAIServer:
                                                "a number in (0, 1]")),
                             stop_ids=stop_ids, stop_strings=stops)
         # Choice j of a seeded request draws with seed + j: reproducible, and the choices differ.
-        return [dataclasses.replace(sp, seed=(seed + j) % 2**32) for j in range(n)], max_tokens
+        return [dataclasses.replace(sp, seed=(seed + j) % 2**32) for j in range(n)]
 
     def _prompts(self, prompt) -> tuple[list[list[int]], list[str], bool]:
         """(token rows, prompt texts, given as tokens?) from any prompt form the completions API accepts."""
@@ -150,11 +152,10 @@ class OpenAIServer:
         n_top = _field(body, "logprobs", int, None, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
         stream = _field(body, "stream", bool, False)
         stops = _stop_strings(body)
-        plans = [self._sampling(body, len(r), 16, (self.tok.eos_id,) if self.tok.eos_id >= 0 else (), stops)
-                 for r in rows]
-        n = len(plans[0][0])
-        job = self.engine.submit("generate", [(r, sp) for r, (sps, _) in zip(rows, plans) for sp in sps])
-        scored = _wait(self.engine.submit("score", rows)) if echo and n_top is not None else None
+        choices_of_row = [self._sampling_per_choice(body, len(r), 16, self.eos_ids, stops) for r in rows]
+        n = len(choices_of_row[0])
+        job = self.engine.submit("generate", [(r, sp) for r, sps in zip(rows, choices_of_row) for sp in sps])
+        scored = self.engine.submit("score", rows).result() if echo and n_top is not None else None
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         if stream:
@@ -162,7 +163,7 @@ class OpenAIServer:
                 {"index": i, "text": delta, "logprobs": None, "finish_reason": finish}]},
                 prefix=[prompt_texts[i // n] if echo else "" for i in range(len(rows) * n)])
             return None
-        results: list[Completion] = _wait(job)
+        results: list[Completion] = job.result()
         choices = []
         for i, c in enumerate(results):
             r = i // n
@@ -213,7 +214,7 @@ class OpenAIServer:
         want_lp = _field(body, "logprobs", bool, False)
         n_top = _field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
         stream = _field(body, "stream", bool, False)
-        sps, _ = self._sampling(body, len(ids), None, (self.tok.eos_id,) if self.tok.eos_id >= 0 else (), stops)
+        sps = self._sampling_per_choice(body, len(ids), None, self.eos_ids, stops)
         job = self.engine.submit("generate", [(ids, sp) for sp in sps])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name}
@@ -225,7 +226,7 @@ class OpenAIServer:
             self._stream(job, send_event, lambda i, delta, finish: {**chunk, "choices": [
                 {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": None, "finish_reason": finish}]})
             return None
-        results: list[Completion] = _wait(job)
+        results: list[Completion] = job.result()
         choices = []
         for i, c in enumerate(results):
             logprobs = None
@@ -242,7 +243,7 @@ class OpenAIServer:
                                                       "total_tokens": len(ids) + completion_tokens}}
 
     @staticmethod
-    def _stream(job: _Job, send_event, make_chunk, prefix=None) -> None:
+    def _stream(job: Job, send_event, make_chunk, prefix=None) -> None:
         """Turns the engine's token events into chunks of new text per choice, then a final chunk each."""
         sent: dict[int, str] = {}
         for i, p in enumerate(prefix or []):
@@ -392,28 +393,3 @@ class Server:
         self.httpd.server_close()
         self.engine.close()
 
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm serve", description="OpenAI-compatible HTTP server over a checkpoint")
-    parser.add_argument("--checkpoint", required=True, help="run workdir, step dir, converted or Hugging Face dir")
-    parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the checkpoint's)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
-    parser.add_argument("--model_name", default=None, help="the model id clients send (default: checkpoint dir name)")
-    parser.add_argument("--template", default="chat", help="chat template for /v1/chat/completions")
-    parser.add_argument("--max_batch", type=int, default=8, help="most rows decoded together")
-    parser.add_argument("--max_tokens", type=int, default=256, help="default completion length for chat")
-    args = parser.parse_args(argv)
-    from pathlib import Path
-
-    from jaxllm.checkpoint import load_params
-    from jaxllm.tokenizer import Tokenizer
-    params, cfg, tok_path = load_params(args.checkpoint)
-    if not (args.tokenizer or tok_path):
-        raise ValueError(f"{args.checkpoint} carries no tokenizer; pass --tokenizer")
-    server = Server(params, cfg, Tokenizer(args.tokenizer or tok_path),
-                    model_name=args.model_name or Path(args.checkpoint).absolute().name, template=args.template,
-                    host=args.host, port=args.port, max_batch=args.max_batch, default_max_tokens=args.max_tokens)
-    print(f"serving {server.app.model_name} at {server.url}", flush=True)
-    server.serve_forever()
-    return 0

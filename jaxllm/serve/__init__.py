@@ -1,0 +1,2 @@
+"""Serving: an OpenAI-compatible HTTP server (server.py) over a batching engine (engine.py); `jaxllm serve`
+(cli.py)."""
