@@ -35,7 +35,7 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: Mesh | 
     tokenizer: a SentencePiece model replacing the checkpoint's own (required when it carries none).
     mesh: params are replicated over it; None leaves them on the default device.
     compute_dtype, attention_impl: override the checkpoint's model config (e.g. "bfloat16", "xla")."""
-    description = checkpoint.resolve(path)
+    description = checkpoint.describe_checkpoint(path)
     params, cfg, saved_tokenizer = checkpoint.load_params(path)
     if not (tokenizer or saved_tokenizer):
         raise ValueError(f"{path} carries no tokenizer; pass one (--tokenizer)")

@@ -6,15 +6,6 @@ import json
 from pathlib import Path
 
 
-def _load(checkpoint: str, tokenizer: str | None):
-    from jaxllm.checkpoint import load_params
-    from jaxllm.tokenizer import Tokenizer
-    params, cfg, tok_path = load_params(checkpoint)
-    if not (tokenizer or tok_path):
-        raise ValueError(f"{checkpoint} carries no tokenizer; pass --tokenizer")
-    return params, cfg, Tokenizer(tokenizer or tok_path)
-
-
 def _write(report: dict, out: str | None, checkpoint: str | None, name: str) -> None:
     """Writes the JSON report to --out, or to <workdir>/eval/<name>.json when the checkpoint is a run workdir."""
     if out is None and checkpoint and (Path(checkpoint) / "config.json").exists():
@@ -79,20 +70,22 @@ def main(argv: list[str]) -> int:
         print(f"wrote {Path(args.out) / 'summary.json'} and judgements.jsonl")
         return 0
 
-    params, cfg, tok = _load(args.checkpoint, args.tokenizer)
+    from jaxllm.inference import load_for_inference
+    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
     if args.what == "ppl":
         from jaxllm.eval import perplexity as ppl
         sources = {}
         for path in args.text:
             sources[Path(path).name if Path(path).name not in sources else path] = ppl.read_text(
                 path, args.jsonl_field, args.max_chars)
-        report = ppl.evaluate_perplexity(params, cfg, tok, sources, window=args.window, stride=args.stride,
-                                         batch_size=args.batch_size)
+        report = ppl.evaluate_perplexity(model.params, model.cfg, model.tokenizer, sources, window=args.window,
+                                         stride=args.stride, batch_size=args.batch_size)
         print(ppl.format_table(report))
         _write(report, args.out, args.checkpoint, "ppl")
     else:
         from jaxllm.eval import multiple_choice as mc
-        report = mc.evaluate_mcq(params, cfg, tok, args.data, shots=args.shots, split=args.split, style=args.style,
+        report = mc.evaluate_mcq(model.params, model.cfg, model.tokenizer, args.data, shots=args.shots,
+                                 split=args.split, style=args.style,
                                  subjects=[s for s in args.subjects.split(",") if s] or None,
                                  batch_size=args.batch_size, max_len=args.max_len)
         print(mc.format_table(report))
@@ -113,8 +106,10 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--template", default=None, help="wrap each prompt as a user turn of this chat template")
     args = parser.parse_args(argv)
     from jaxllm.data.templates import encode_segments, render
+    from jaxllm.inference import load_for_inference
     from jaxllm.model.generate import SamplingParams, generate
-    params, cfg, tok = _load(args.checkpoint, args.tokenizer)
+    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+    tok = model.tokenizer
     if args.template:
         prompts = [encode_segments(render([{"role": "user", "content": p}], args.template, add_generation_prompt=True),
                                    tok)[0] for p in args.prompt]
@@ -123,7 +118,7 @@ def generate_main(argv: list[str]) -> int:
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
                               stop_ids=(tok.eos_id,) if tok.eos_id >= 0 else ())
-    for prompt, c in zip(args.prompt, generate(params, cfg, prompts, sampling, tokenizer=tok)):
+    for prompt, c in zip(args.prompt, generate(model.params, model.cfg, prompts, sampling, tokenizer=tok)):
         print(f"--- {prompt!r} ({len(c.tokens)} tokens, {c.finish_reason})")
         print(prompt + c.text if not args.template else c.text)
     return 0

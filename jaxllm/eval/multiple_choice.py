@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.model.padding import pad_sequences, round_up
 from jaxllm.model.transformer import hidden_states, logits_from_hidden
 
 log = logging.getLogger(__name__)
@@ -211,9 +212,10 @@ def fit_prompt(tokenizer, subject_name: str, shots: Sequence[Question], q: Quest
 # Scoring.
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _option_logits(params, tokens, segment_ids, lengths, option_ids, cfg):
-    """tokens, segment_ids: (batch, length) right-padded; lengths (batch,). Returns (batch, 4) logits."""
-    h = hidden_states(params, tokens, cfg, segment_ids=segment_ids)          # (batch, length, embed)
+def _option_logits(params, tokens, segment_ids, positions, lengths, option_ids, cfg):
+    """tokens, segment_ids, positions: (batch, length) right-padded; lengths (batch,). Returns (batch, 4)
+    logits."""
+    h = hidden_states(params, tokens, cfg, segment_ids=segment_ids, positions=positions)   # (batch, length, embed)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)     # (batch, 1, embed)
     logits = logits_from_hidden(params, last, cfg)[:, 0]                     # (batch, vocab)
     return logits[:, option_ids]                                             # (batch, 4)
@@ -228,14 +230,12 @@ def score_prompts(params, cfg: ModelConfig, prompts: Sequence[list[int]], option
     option_ids = jnp.asarray(option_ids, jnp.int32)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        length = min(-(-max(len(prompts[i]) for i in idx) // 64) * 64, cfg.max_seq_len)
-        tokens = np.zeros((batch_size, length), np.int32)
-        seg = np.zeros((batch_size, length), np.int32)
-        lengths = np.ones((batch_size,), np.int32)
-        for r, i in enumerate(idx):
-            n = len(prompts[i])
-            tokens[r, :n], seg[r, :n], lengths[r] = prompts[i], 1, n
-        logits = _option_logits(params, tokens, seg, lengths, option_ids, cfg=cfg)
+        rows = [prompts[i] for i in idx]
+        length = min(round_up(max(len(p) for p in rows), 64), cfg.max_seq_len)
+        tokens, seg, pos = pad_sequences(rows, length, batch=batch_size)
+        lengths = np.ones((batch_size,), np.int32)                # dummy rows read their (padding) first slot
+        lengths[:len(rows)] = [len(p) for p in rows]
+        logits = _option_logits(params, tokens, seg, pos, lengths, option_ids, cfg=cfg)
         out[idx] = np.asarray(logits)[:len(idx)]
     return out
 

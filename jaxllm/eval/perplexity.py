@@ -24,7 +24,8 @@ import jax
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.losses import token_cross_entropy
+from jaxllm.objectives.lm import token_cross_entropy
+from jaxllm.model.padding import pad_sequences
 from jaxllm.model.transformer import forward
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,10 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _batch_nll(params, tokens, segment_ids, targets, mask, cfg):
-    """tokens, segment_ids, targets, mask: (batch, window). Returns the summed NLL over masked targets."""
-    logits = forward(params, tokens, cfg, segment_ids=segment_ids)            # (batch, window, vocab)
+def _batch_nll(params, tokens, segment_ids, positions, targets, mask, cfg):
+    """tokens, segment_ids, positions, targets, mask: (batch, window). Returns the summed NLL over masked
+    targets."""
+    logits = forward(params, tokens, cfg, segment_ids=segment_ids, positions=positions)   # (batch, window, vocab)
     return token_cross_entropy(logits, targets, mask)["nll"]
 
 
@@ -102,19 +104,16 @@ def token_nll(params, cfg: ModelConfig, ids: Sequence[int], *, window: int | Non
     ids = np.asarray(ids, np.int32)
     spans = sliding_windows(len(ids), window, stride)
     rows = len(spans) + (-len(spans)) % batch_size        # pad to whole batches: one compiled shape
-    tokens = np.zeros((rows, window), np.int32)
-    seg = np.zeros((rows, window), np.int32)
-    targets = np.zeros((rows, window), np.int32)
+    tokens, seg, pos = pad_sequences([ids[begin:end] for begin, end, _ in spans], window, batch=rows)
+    # Position j predicts token j + 1.
+    targets, _, _ = pad_sequences([ids[begin + 1:end] for begin, end, _ in spans], window, batch=rows)
     mask = np.zeros((rows, window), np.float32)
     for r, (begin, end, first) in enumerate(spans):
-        n = end - begin
-        tokens[r, :n], seg[r, :n] = ids[begin:end], 1
-        targets[r, :n - 1] = ids[begin + 1:end]           # position j predicts token j + 1
-        mask[r, first - begin - 1:n - 1] = 1.0
+        mask[r, first - begin - 1:end - begin - 1] = 1.0   # only the targets no earlier window scored
     total = 0.0
     for b in range(0, rows, batch_size):
         sl = slice(b, b + batch_size)
-        total += float(_batch_nll(params, tokens[sl], seg[sl], targets[sl], mask[sl], cfg=cfg))
+        total += float(_batch_nll(params, tokens[sl], seg[sl], pos[sl], targets[sl], mask[sl], cfg=cfg))
     scored = int(mask.sum())
     assert scored == len(ids) - 1, (scored, len(ids))       # every target exactly once
     return total, scored
