@@ -1,7 +1,8 @@
 """`jaxllm <command>`: parses flags and calls library functions; nothing else lives here.
 
-Training-like commands take `--config=configs/<file>.py[:arg]` plus `--config.a.b=value` overrides
-(ml_collections config_flags); tool-like commands take plain flags. `--help` works on every command.
+Training-like commands take `--config=<name or file>[:arg]` (a shipped config such as `pretrain`, or a
+path) plus `--config.a.b=value` overrides (ml_collections config_flags); tool-like commands take plain flags.
+`--help` works on every command.
 """
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import difflib
 import importlib
 import importlib.util
 import logging
+import os
 import sys
+from pathlib import Path
 
 # command -> ("module:function" taking argv and returning an exit code, one-line help). Each room owns its
 # command's flag parsing; handlers are imported only when their command runs, so `jaxllm --help` is fast.
 COMMANDS = {
-    "train": ("jaxllm.cli:cmd_train", "train a model from a config file (configs/*.py)"),
+    "train": ("jaxllm.cli:cmd_train", "train a model from a config (pretrain, sft, reward, dpo, ... or a file)"),
     "tokenizer": ("jaxllm.tokenizer.cli:main", "train, expand (merge), inspect and compare SentencePiece tokenizers"),
     "convert": ("jaxllm.cli:cmd_convert", "convert between Hugging Face Llama checkpoints and jaxllm checkpoints"),
     "quickstart": ("jaxllm.cli:cmd_quickstart",
@@ -39,15 +42,41 @@ def _setup_logging() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
-def load_config(argv: list[str]):
-    """Parses --config=... and --config.x=... overrides into a validated Config."""
+def shipped_configs() -> dict[str, Path]:
+    """name -> file of every config installed with the package (jaxllm/configs/*.py with a get_config)."""
+    folder = Path(importlib.util.find_spec("jaxllm.configs").origin).parent
+    return {path.stem: path for path in sorted(folder.glob("*.py")) if "\ndef get_config(" in path.read_text()}
+
+
+def config_file(spec: str) -> str:
+    """`--config`'s value -> `file[:arg]` for config_flags, which loads files only.
+
+    An existing file wins; otherwise `name`, `name.py` (either with `:arg`) is the shipped config of that name,
+    so `--config=pretrain` works from any directory."""
+    from jaxllm.config import ConfigError
+
+    path, colon, arg = spec.partition(":")
+    if os.path.isfile(path):
+        return spec
+    shipped = shipped_configs()
+    name = path.removesuffix(".py")
+    if name in shipped:
+        return f"{shipped[name]}{colon}{arg}"
+    hint = f"; did you mean --config={Path(name).name}?" if Path(name).name in shipped else ""
+    raise ConfigError(f"--config={spec}: no such file, and no shipped config named {name!r}{hint} (shipped configs: "
+                      f"{', '.join(shipped)})")
+
+
+def load_config_dict(argv: list[str]):
+    """--config=<name or file>[:arg] and its --config.x=... overrides -> the ConfigDict, overrides applied."""
     from absl import flags
     from ml_collections import config_flags
 
-    from jaxllm.config import ConfigError, from_config_dict
+    from jaxllm.config import ConfigError
 
     values = flags.FlagValues()
-    argv = ["jaxllm"] + list(argv)
+    argv = ["jaxllm"] + [f"--config={config_file(a.split('=', 1)[1])}" if a.startswith("--config=") else a
+                         for a in argv]
     # config_flags finds the --config.x overrides in sys_argv (default: the process's sys.argv).
     config_flags.DEFINE_config_file("config", None, "config file, optionally with :arg (get_config(arg))",
                                     flag_values=values, lock_config=True, sys_argv=argv)
@@ -56,12 +85,20 @@ def load_config(argv: list[str]):
     except (flags.Error, KeyError, AttributeError) as e:
         raise ConfigError(_explain_override_error(e, argv)) from None
     if values.config is None:
-        raise ConfigError("--config=configs/<file>.py is required")
-    return from_config_dict(values.config)
+        raise ConfigError(f"--config=<name or file> is required; shipped configs: {', '.join(shipped_configs())}")
+    return values.config
+
+
+def load_config(argv: list[str]):
+    """--config=<name or file>[:arg] and its --config.x=... overrides -> a validated Config."""
+    from jaxllm.config import from_config_dict
+
+    return from_config_dict(load_config_dict(argv))
 
 
 def _explain_override_error(error: Exception, argv: list[str]) -> str:
-    """ml_collections reports an unknown override as a bare flag error; name the field and suggest fields."""
+    """ml_collections reports an unknown override as a bare flag error, and a failing get_config as a traceback
+    in the message: name the field and suggest fields, or give get_config's own error."""
     text = str(error).strip("'\"")
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if spec is None:
@@ -72,8 +109,8 @@ def _explain_override_error(error: Exception, argv: list[str]) -> str:
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         config = module.get_config(arg) if arg else module.get_config()
-    except Exception:  # noqa: BLE001 - the original error is the better message then
-        return text
+    except Exception as e:  # noqa: BLE001 - get_config itself failed (e.g. a bad :arg): its message, no traceback
+        return f"--config={spec}: {e}"
     fields = list(_dotted_fields(config.to_dict()))
     unknown = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
     unknown = [u for u in unknown if u not in fields]
@@ -93,8 +130,9 @@ def _dotted_fields(tree: dict, prefix: str = ""):
 
 def cmd_train(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print("usage: jaxllm train --config=configs/pretrain.py[:model=tiny] [--config.<field>=<value> ...]\n\n"
-              "Every field of the config file can be overridden; see the file's comments for what each does.")
+        print("usage: jaxllm train --config=<name or file>[:arg] [--config.<field>=<value> ...]\n\n"
+              f"Shipped configs: {', '.join(shipped_configs())} (e.g. --config=pretrain:model=tiny), or a path to\n"
+              "your own config file. Every field can be overridden; jaxllm/config.py documents each.")
         return 0
     from jaxllm import distributed
     from jaxllm.trainer import train

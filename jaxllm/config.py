@@ -1,7 +1,9 @@
-"""Frozen, validated configuration dataclasses, built once from an ml_collections ConfigDict.
+"""Frozen, validated configuration dataclasses: every field, its default and what it means, in one place.
 
-Config files (`configs/*.py`) are the user-facing surface; everything below the entry point receives these
-dataclasses and never calls `config.get(...)`. A bad value fails at start-up with the field's dotted name.
+Config files (`configs/*.py`, installed as `jaxllm.configs`) start from `as_config_dict(Config(...))`, which
+holds every field at its default, and state only what differs; the command line overrides any field; the
+result is turned once into these dataclasses. Everything below the entry point receives them and never calls
+`config.get(...)`. A bad value fails at start-up with the field's dotted name.
 """
 from __future__ import annotations
 
@@ -10,17 +12,7 @@ import difflib
 import typing
 from typing import Any, Mapping
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Fast CPU tests and the main job: a few hundred thousand parameters.
-    "tiny": dict(vocab_size=1024, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                 mlp_dim=192, max_seq_len=512),
-    "125m": dict(vocab_size=32000, d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, head_dim=64,
-                 mlp_dim=2048, max_seq_len=2048),
-    "tinyllama-1.1b": dict(vocab_size=32000, d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4,
-                           head_dim=64, mlp_dim=5632, max_seq_len=2048, norm_eps=1e-5),
-    "llama2-7b": dict(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-                      head_dim=128, mlp_dim=11008, max_seq_len=4096, norm_eps=1e-5),
-}
+from jaxllm.configs.presets import PRESETS
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "attn_out")
@@ -33,19 +25,19 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Llama-style decoder. Parameter shapes are derived from these fields in `model/spec.py`."""
-    vocab_size: int = 1024          # 0 = take the tokenizer's size at start-up
+    vocab_size: int = 1024          # embedding and output-head rows; 0 = take the tokenizer's size at start-up
     d_model: int = 64               # residual stream width
-    num_layers: int = 2
+    num_layers: int = 2             # decoder blocks
     num_heads: int = 4              # query heads
     num_kv_heads: int = 2           # = num_heads: MHA; 1: MQA; between: GQA
-    head_dim: int = 16
+    head_dim: int = 16              # width of one attention head
     mlp_dim: int = 192              # SwiGLU hidden width
     max_seq_len: int = 512          # longest position the model is used at (ALiBi/RoPE need no table)
     position: str = "rope"          # "rope" or "alibi"
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0     # RoPE base wavelength
+    norm_eps: float = 1e-6          # RMSNorm epsilon
     tie_embeddings: bool = False    # share the input embedding with the output head
-    init_std: float = 0.02
+    init_std: float = 0.02          # standard deviation of the normal initialiser of every matrix
     param_dtype: str = "float32"    # storage and optimizer precision
     compute_dtype: str = "float32"  # matmul precision ("bfloat16" on accelerators)
     attention_impl: str = "auto"    # "xla" | "cudnn" | "splash" | "auto" (per platform)
@@ -57,7 +49,7 @@ class ModelConfig:
     def preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}{_suggest(name, PRESETS)}; known: {sorted(PRESETS)}")
-        cfg = build(cls, {**PRESETS[name], **overrides}, "model")
+        cfg = dataclass_from_mapping(cls, {**PRESETS[name], **overrides}, "model")
         cfg.validate()
         return cfg
 
@@ -87,12 +79,12 @@ class DataConfig:
     """Where documents come from and how they become packed rows."""
     sources: tuple[str, ...] = ()   # files, directories, globs, or builtin:NAME (see data/sources.py)
     eval_sources: tuple[str, ...] = ()  # held-out documents; empty = hold out eval_fraction of `sources`
-    eval_fraction: float = 0.01
+    eval_fraction: float = 0.01     # share of documents (or records) held out when no eval files are given
     seq_len: int = 256              # tokens per packed row
     jsonl_field: str = "text"       # field holding the text in .jsonl files
     text_split: str = "line"        # documents in .txt files: "line", "paragraph" (blank line) or "file"
-    add_bos: bool = True
-    add_eos: bool = True
+    add_bos: bool = True            # <s> before every document
+    add_eos: bool = True            # </s> after every document, so the model learns where text ends
     # Mixtures (data/mixture.py): one component per entry of `sources`.
     weights: tuple = ()             # share of training tokens per source, parallel to `sources`; () = one
                                     # stream of all sources in their natural proportion
@@ -100,7 +92,8 @@ class DataConfig:
     mix: str = "documents"          # "documents": mix before packing; "rows": pack per source, mix rows
     weight_schedule: tuple = ()     # ((step, (w, ...)), ...): from `step` on, these weights replace `weights`
     max_doc_chars: int = 0          # longer documents are skipped and counted; 0 = no limit
-    workers: int = 0                # Grain worker processes building training rows; 0 = in this process
+    workers: int = 0                # Grain worker processes building training rows (must divide the per-process
+                                    # batch); 0 = in this process
     # Post-training records (sft, reward, dpo): see data/formats.py for the layouts read.
     train: tuple[str, ...] = ()     # instruction or preference files (JSON array or JSON Lines)
     eval: tuple[str, ...] = ()      # held-out record files; empty = hold out eval_fraction of `train`
@@ -128,13 +121,13 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup, then decay to a floor."""
     lr: float = 3e-4                # peak learning rate, reached after warmup
-    warmup_steps: int = 100
+    warmup_steps: int = 100         # linear warmup from 0
     decay: str = "cosine"           # "cosine" | "linear" | "constant" after warmup
     decay_steps: int = 0            # steps of decay after warmup; 0 = until train.steps
     min_lr_ratio: float = 0.1       # floor as a fraction of lr
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    b1: float = 0.9                 # Adam first-moment decay
+    b2: float = 0.95                # Adam second-moment decay
+    eps: float = 1e-8               # Adam epsilon
     weight_decay: float = 0.1       # never applied to norm scales or biases
     decay_embeddings: bool = False  # apply weight decay to the embedding / output head too
     clip_norm: float = 1.0          # global gradient-norm clip; 0 disables
@@ -182,17 +175,17 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The loop: how long, how big, how often to log, evaluate and save."""
-    steps: int = 1000
+    steps: int = 1000               # optimizer updates
     batch_size: int = 8             # global batch in packed rows (split across processes and devices)
     seed: int = 0                   # parameter init and data order
-    z_loss: float = 0.0             # weight of log(Z)^2, keeps the softmax normaliser near 1
-    log_every: int = 10
-    eval_every: int = 100           # 0 disables periodic evaluation
-    eval_batches: int = 8
+    z_loss: float = 0.0             # weight of log(Z)^2 (PaLM), keeps the softmax normaliser near 1
+    log_every: int = 10             # steps between log lines / metrics.jsonl rows
+    eval_every: int = 100           # steps between held-out evaluations; 0 = only at the end
+    eval_batches: int = 8           # held-out batches per evaluation; 0 = all of them
     eval_at_start: bool = False     # also evaluate before the first step (reward: the gap starts near 0)
-    save_every: int = 100           # 0 = only at the end
-    keep_checkpoints: int = 3
-    async_checkpointing: bool = True
+    save_every: int = 100           # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 3       # newest checkpoints kept
+    async_checkpointing: bool = True  # write checkpoints in the background while training goes on
     peak_tflops: float = 0.0        # per-device peak for MFU; 0 = guess from the device kind
 
     def validate(self, where: str = "train") -> None:
@@ -229,15 +222,15 @@ class DPOConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run. `workdir` holds everything it writes (DESIGN.md, Workdir)."""
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
-    mesh: MeshConfig = MeshConfig()
-    train: TrainConfig = TrainConfig()
-    reward: RewardConfig = RewardConfig()
-    dpo: DPOConfig = DPOConfig()
-    objective: str = "lm"           # "lm" | "sft" | "reward" | "dpo" (objectives.py)
-    workdir: str = ""
+    model: ModelConfig = ModelConfig()      # the decoder's architecture and numerics
+    data: DataConfig = DataConfig()         # documents or records, and how they become rows
+    optim: OptimConfig = OptimConfig()      # optimizer and learning-rate schedule
+    mesh: MeshConfig = MeshConfig()         # devices and sharding rules
+    train: TrainConfig = TrainConfig()      # the loop
+    reward: RewardConfig = RewardConfig()   # objective "reward" only
+    dpo: DPOConfig = DPOConfig()            # objective "dpo" only
+    objective: str = "lm"           # "lm" | "sft" | "reward" | "dpo" (objectives/)
+    workdir: str = ""               # everything the run writes; required
     tokenizer: str = ""             # path to a SentencePiece tokenizer.model; empty = train one on data.sources
     tokenizer_vocab_size: int = 8000  # vocabulary of the tokenizer trained when `tokenizer` is empty
     init_from: str = ""             # checkpoint or Hugging Face dir to start from (params only)
@@ -305,7 +298,7 @@ def _suggest(name: str, known) -> str:
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
-def build(cls, values: Mapping[str, Any], where: str = ""):
+def dataclass_from_mapping(cls, values: Mapping[str, Any], where: str = ""):
     """Builds dataclass `cls` from a nested mapping, rejecting unknown fields with close-match suggestions."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -316,7 +309,7 @@ def build(cls, values: Mapping[str, Any], where: str = ""):
             raise ConfigError(f"unknown config field {path!r}{_suggest(key, names)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            value = build(hint, value, path)
+            value = dataclass_from_mapping(hint, value, path)
         elif hint is tuple or typing.get_origin(hint) is tuple:
             value = _to_tuple(value)
         elif hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -338,7 +331,15 @@ def _to_tuple(value):
 def from_config_dict(config) -> Config:
     """ConfigDict (or plain dict) -> validated, frozen Config."""
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return build(Config, values).validate()
+    return dataclass_from_mapping(Config, values).validate()
+
+
+def as_config_dict(cfg: Config):
+    """Config -> an ml_collections ConfigDict holding every field (the start of every config file), so any
+    field can be overridden with --config.<a>.<b>=<value>."""
+    import ml_collections   # only config files and the command line need it, not the library below them
+
+    return ml_collections.ConfigDict(dataclasses.asdict(cfg))
 
 
 def to_dict(cfg) -> dict:
@@ -347,6 +348,6 @@ def to_dict(cfg) -> dict:
 
 
 def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
-    cfg = build(ModelConfig, values, "model")
+    cfg = dataclass_from_mapping(ModelConfig, values, "model")
     cfg.validate()
     return cfg

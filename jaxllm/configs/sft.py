@@ -1,0 +1,31 @@
+"""Instruction tuning (SFT) on Alpaca / BELLE / ShareGPT / OpenAI-messages records, loss on answers only.
+
+Run:
+  jaxllm train --config=sft:model=tiny --config.init_from=<checkpoint or HF dir> \
+      --config.data.train=alpaca.json --config.workdir=/tmp/sft
+
+init_from is the pretrained model (a jaxllm checkpoint or a Hugging Face dir; its tokenizer comes along).
+data.train: instruction files (JSON array or JSON Lines), layout detected per file (data.format); data.eval:
+held-out files, or empty to hold out data.eval_fraction of the records. Samples are packed several per row,
+never attending to each other (data.pack). Arguments: `model=<preset>` (default tiny), `template=alpaca|
+alpaca_zh|chat` (e.g. `--config=sft:model=125m,template=chat`). Every other field is configs/pretrain.py's.
+"""
+from jaxllm.configs import pretrain
+
+
+def get_config(arg: str = ""):
+    args = pretrain.parse_arg(arg, known=("model", "template"))
+    model = args.get("model", "tiny")
+    tiny = model == "tiny"
+    c = pretrain.config_for_model(model)
+    c.objective = "sft"              # next-token loss on assistant tokens only
+    c.data.eval_fraction = 0.05      # share of records held out when data.eval is empty
+    c.data.template = args.get("template", "alpaca")  # "alpaca", "alpaca_zh" or "chat" (data/templates.py)
+    c.data.overlong = "truncate_prompt"  # too long: cut the prompt from the left ("skip" drops the sample)
+    c.data.seq_len = 512 if tiny else 2048                        # tokens per packed row
+    c.model.max_seq_len = max(c.model.max_seq_len, c.data.seq_len)   # positions up to data.seq_len
+    c.optim.lr = 1e-3 if tiny else 2e-5                           # fine-tuning: a smaller peak
+    c.optim.warmup_steps = 20 if tiny else 100                    # linear warmup from 0
+    c.train.steps = 200 if tiny else 3000                         # optimizer updates
+    c.train.z_loss = 0.0             # pretraining's logit penalty is not needed when fine-tuning
+    return c
