@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One process on this machine (CPU or its GPUs):
-#   launch/local.sh configs/pretrain.py:model=tiny --config.workdir=/tmp/run [--config.a.b=value ...]
+#   launch/local.sh pretrain:model=tiny --config.workdir=/tmp/run [--config.a.b=value ...]
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 CONFIG[:ARG] [--config.field=value ...]" >&2

@@ -4,7 +4,7 @@
 # node sees:
 #
 #   sbatch --nodes=4 --gpus-per-node=8 --signal=TERM@120 \
-#       --wrap 'launch/slurm_gpu.sh -- configs/pretrain.py:model=llama2-7b --config.workdir=/shared/run'
+#       --wrap 'launch/slurm_gpu.sh -- pretrain:model=llama2-7b --config.workdir=/shared/run'
 #   launch/slurm_gpu.sh [--nodes=N] [--port=P] [--logdir=DIR] [--dry_run] -- CONFIG[:ARG] [--config.a.b=value ...]
 #
 # The coordinator is the first host of the allocation (`scontrol show hostnames`); srun starts the same

@@ -3,7 +3,7 @@
 # multi-controller runtime (jax.distributed reads the slice's topology from the TPU metadata).
 #
 #   launch/tpu_pod.sh --tpu=NAME --zone=ZONE [--project=ID] [--logdir=DIR] [--skip_install] [--dry_run] \
-#       -- configs/pretrain.py:model=llama2-7b --config.workdir=/mnt/shared/run [--config.a.b=value ...]
+#       -- pretrain:model=llama2-7b --config.workdir=/mnt/shared/run [--config.a.b=value ...]
 #
 # 1. Packs this checkout (tracked and untracked, non-ignored files), copies it to every worker and installs
 #    it with the [tpu] extra into ~/jaxllm/.venv (--skip_install: reuse what is there).

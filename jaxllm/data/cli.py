@@ -102,7 +102,7 @@ COMMANDS = {"plan": cmd_plan, "prepare": cmd_prepare, "clean": cmd_clean}
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: jaxllm data {plan,prepare,clean} [flags]\n\n"
-              "  plan     the mixture table of a config (--config=configs/pretrain.py ...)\n"
+              "  plan     the mixture table of a config (--config=pretrain ...)\n"
               "  prepare  tokenise once into ArrayRecord shards of token ids\n"
               "  clean    quality filters + exact and near-duplicate removal, with a report\n\n"
               "`jaxllm data <command> --help` lists its flags.")
