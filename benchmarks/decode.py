@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.model import generate as gen
+from jaxllm.model.padding import bucket_length, pad_sequences, round_up
 from jaxllm.model.spec import count_params, init_params
 
 
@@ -47,19 +48,17 @@ def bench_jax(params, cfg: ModelConfig, prompts: np.ndarray, new_tokens: int, re
 
     # The bare decode step: dispatch new_tokens - 1 steps back to back, read nothing until the end.
     batch, prompt_len = prompts.shape
-    padded = gen.bucket_length(prompt_len)
-    cache_len = -(-(padded + new_tokens) // 64) * 64
-    tokens, seg, pos = gen.left_pad(rows, padded)
-    knobs = {"seeds": np.zeros(batch, np.uint32), "rows": np.arange(batch, dtype=np.uint32),
-             "temperature": np.zeros(batch, np.float32), "top_k": np.zeros(batch, np.int32),
-             "top_p": np.ones(batch, np.float32)}
+    padded = bucket_length(prompt_len)
+    cache_len = round_up(padded + new_tokens, gen.CACHE_BUCKET)
+    tokens, seg, pos = pad_sequences(rows, padded, side="left")
+    row_sampling = gen.row_sampling([sampling] * batch, seed_by_row=True)
     next_pos = np.full(batch, prompt_len, np.int32)
-    (tok, *_), cache = gen._prefill_and_sample(params, tokens, seg, pos, knobs, cfg=cfg, cache_len=cache_len)
+    (tok, *_), cache = gen.prefill_and_sample(params, tokens, seg, pos, row_sampling, cfg=cfg, cache_len=cache_len)
     jax.block_until_ready(tok)
     t0 = time.perf_counter()
     for step in range(new_tokens - 1):
-        (tok, *_), cache = gen._decode_and_sample(params, cache, tok, next_pos + step, padded + step, step + 1, knobs,
-                                                  cfg=cfg)
+        (tok, *_), cache = gen.decode_and_sample(params, cache, tok, next_pos + step, padded + step, step + 1,
+                                                 row_sampling, cfg=cfg)
     jax.block_until_ready(tok)
     device_rate = batch * (new_tokens - 1) / (time.perf_counter() - t0)
     return {"compile_s": compile_s, "ttft_ms": 1000 * float(np.median(ttfts)), "tokens_per_s": float(np.median(rates)),

@@ -11,8 +11,9 @@ import pytest
 
 from jaxllm.config import ModelConfig
 from jaxllm.model import generate as gen
+from jaxllm.model.padding import pad_sequences
 from jaxllm.model.spec import init_params
-from jaxllm.model.transformer import forward
+from jaxllm.model.transformer import decode_step, forward, prefill
 
 VOCAB = 512     # the size of conftest's trained tokenizer, so the stop-string test reuses this model
 
@@ -58,6 +59,29 @@ def test_kv_cache_greedy_equals_full_forward_for_mixed_prompt_lengths(model, pos
         assert c.tokens == tokens and c.finish_reason == "length"
         # Reported logprobs are the model's own log-softmax at each step.
         np.testing.assert_allclose(c.logprobs, logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [dict(position="rope", num_kv_heads=2), dict(position="alibi", num_kv_heads=2),
+                                       dict(position="rope", num_kv_heads=1, scan_layers=False)],
+                         ids=["gqa-rope", "gqa-alibi", "mqa-unrolled"])
+def test_cached_decode_token_by_token_equals_training_forward(overrides):
+    """prefill + decode_step (the cached path) against forward (the training path) on the same sequences: the
+    logits of every fed token agree, for left-padded prompts of different lengths."""
+    cfg = ModelConfig.preset("tiny", vocab_size=VOCAB, num_heads=4, attention_impl="xla", **overrides)
+    params = init_params(cfg, jax.random.key(0))
+    seqs = prompts_of([12, 12], seed=5)
+    prompt_lens, steps = [2, 5], 7
+    want = np.asarray(forward(params, jnp.asarray(seqs), cfg))                # (batch, 12, vocab)
+    tokens, seg, pos = pad_sequences([s[:n] for s, n in zip(seqs, prompt_lens)], 5, side="left")
+    logits, cache = jax.jit(prefill, static_argnames=("cfg", "cache_len"))(params, tokens, seg, pos, cfg=cfg,
+                                                                           cache_len=16)
+    step_fn = jax.jit(decode_step, static_argnames=("cfg",))
+    for t in range(steps + 1):
+        for i, n in enumerate(prompt_lens):
+            np.testing.assert_allclose(np.asarray(logits[i]), want[i, n - 1 + t], atol=1e-4, rtol=1e-4)
+        if t < steps:
+            fed = np.asarray([s[n + t] for s, n in zip(seqs, prompt_lens)], np.int32)
+            logits, cache = step_fn(params, cache, fed, np.asarray(prompt_lens, np.int32) + t, 5 + t, cfg=cfg)
 
 
 def test_decode_step_compiles_once_per_shape_not_per_token(model):

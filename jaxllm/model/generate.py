@@ -1,16 +1,11 @@
-"""Autoregressive generation with a KV cache: one prefill pass over the prompts, then one jitted decode step
+"""Autoregressive generation: sampling and the host loop around the decoder's KV cache (`transformer.prefill`,
+then one `transformer.decode_step` per token; the cache layout is described there).
+
+The prompts of a batch are LEFT-padded to a common length P (`padding.pad_sequences`), so every row writes
+its t-th new token into the same cache slot P+t. Positions start at 0 on each row's first real token, so a
+padded row computes exactly what it would alone. The cache has a fixed size T (the prompt bucket plus the
+longest requested continuation, rounded up), so the decode step compiles once per (batch, T) bucket and never
 per token.
-
-Layout (why left padding): the prompts of a batch are LEFT-padded to a common length P, so every row's last
-prompt token sits in slot P-1 and every row writes its t-th new token into the same slot P+t. The decode
-step then updates the cache with one `dynamic_update_slice` at a scalar index instead of a per-row scatter.
-Padding slots carry segment id 0, which `attention()` masks; positions start at 0 on each row's first real
-token, so a padded row computes exactly what it would alone (RoPE and ALiBi see the same positions).
-
-The cache has a fixed size T (the prompt bucket plus the longest requested continuation, rounded up), so the
-decode step compiles once per (batch, T) bucket and never per token. Slots not yet written also carry
-segment id 0, so a one-token query can attend over the whole cache: `document_mask`'s causal part is
-trivially true for the last query position, and the segment ids do the rest.
 
 Sampling: temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the top-k tokens
 and then to the smallest top-p nucleus. Each row draws with the key fold_in(fold_in(key(seed), row), t), so
@@ -28,13 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.model.attention import attention
-from jaxllm.model.layers import apply_rope, rms_norm, swiglu_mlp
-from jaxllm.model.transformer import forward, logits_from_hidden
+from jaxllm.model.padding import bucket_batch, bucket_length, pad_sequences, round_up
+from jaxllm.model.transformer import decode_step, forward, prefill
 
 TOP_LOGPROBS = 5          # alternatives reported per token (the OpenAI completions API allows up to 5)
-_PROMPT_BUCKET = 16       # prompt lengths are rounded up to a multiple of this (fewer compiles)
-_CACHE_BUCKET = 64        # cache sizes likewise
+CACHE_BUCKET = 64         # cache sizes are rounded up to a multiple of this (fewer compiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,95 +61,6 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     text: str = ""                        # decoded continuation (stop string and anything after it cut off)
     finish_reason: str | None = None      # "stop" (stop id or string) | "length"
-
-
-# ----------------------------------------------------------------------------------------------------
-# The cached decoder.
-
-def _qkv(h, p, positions, cfg: ModelConfig):
-    dtype = h.dtype
-    q = jnp.einsum("bld,dhk->blhk", h, p["q"].astype(dtype))     # (batch, length, heads, head_dim)
-    k = jnp.einsum("bld,dhk->blhk", h, p["k"].astype(dtype))     # (batch, length, kv_heads, head_dim)
-    v = jnp.einsum("bld,dhk->blhk", h, p["v"].astype(dtype))     # (batch, length, kv_heads, head_dim)
-    if cfg.position == "rope":
-        q = apply_rope(q, positions, cfg.rope_theta)
-        k = apply_rope(k, positions, cfg.rope_theta)
-    return q, k, v
-
-
-def _mlp_residual(x, layer, cfg: ModelConfig):
-    h = rms_norm(x, layer["mlp_norm"]["scale"], cfg.norm_eps)
-    m = layer["mlp"]
-    return x + swiglu_mlp(h, m["gate"], m["up"], m["down"])
-
-
-def _embed(params, tokens, cfg: ModelConfig):
-    return jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(jnp.dtype(cfg.compute_dtype))
-
-
-def _last_logits(params, x, cfg: ModelConfig):
-    h = rms_norm(x[:, -1:], params["final_norm"]["scale"], cfg.norm_eps)      # (batch, 1, embed)
-    return logits_from_hidden(params, h, cfg)[:, 0]                           # (batch, vocab) float32
-
-
-def _prefill(params, tokens, segment_ids, positions, cfg: ModelConfig, cache_len: int):
-    """Runs the (left-padded) prompts, returns the last position's logits and a cache of cache_len slots.
-
-    tokens, segment_ids, positions: (batch, P). The prompt attends to itself only (the cache's empty slots
-    would break document_mask's 'queries are the last keys' convention for a multi-token query)."""
-    x = _embed(params, tokens, cfg)                                           # (batch, P, embed)
-
-    def layer_fn(x, layer):
-        h = rms_norm(x, layer["attn_norm"]["scale"], cfg.norm_eps)
-        q, k, v = _qkv(h, layer["attn"], positions, cfg)
-        out = attention(q, k, v, q_segment_ids=segment_ids, k_segment_ids=segment_ids, q_positions=positions,
-                        k_positions=positions, impl=cfg.attention_impl, alibi=cfg.position == "alibi")
-        x = x + jnp.einsum("blhk,hkd->bld", out, layer["attn"]["o"].astype(x.dtype))
-        # Zero the padding positions: a kernel may return NaN for a query with no visible key, and a NaN
-        # value times a zero attention weight would still poison the real rows of the next layer.
-        x = jnp.where(segment_ids[..., None] > 0, _mlp_residual(x, layer, cfg), 0)
-        return x, (k, v)
-
-    x, (ks, vs) = jax.lax.scan(layer_fn, x, params["layers"])   # ks: (layers, batch, P, kv_heads, head_dim)
-    extra = cache_len - tokens.shape[1]
-    pad5 = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
-    cache = {"k": jnp.pad(ks, pad5), "v": jnp.pad(vs, pad5),                  # (layers, batch, T, kv_heads, head_dim)
-             "segment_ids": jnp.pad(segment_ids, ((0, 0), (0, extra))),       # (batch, T); 0 = empty or padding
-             "positions": jnp.pad(positions, ((0, 0), (0, extra)))}           # (batch, T)
-    return _last_logits(params, x, cfg), cache
-
-
-def _decode(params, cache, tokens, positions, index, cfg: ModelConfig):
-    """One token per row: tokens, positions (batch,) go into cache slot `index` (a traced scalar), then the
-    query attends over the whole cache. Returns (logits (batch, vocab), updated cache)."""
-    batch = tokens.shape[0]
-    seg_new = jnp.ones((batch, 1), jnp.int32)
-    pos_new = positions[:, None]                                              # (batch, 1)
-    seg = jax.lax.dynamic_update_slice(cache["segment_ids"], seg_new, (0, index))
-    pos = jax.lax.dynamic_update_slice(cache["positions"], pos_new, (0, index))
-    x = _embed(params, tokens[:, None], cfg)                                  # (batch, 1, embed)
-    # Flash kernels (cudnn, splash) are built for long query blocks; a one-row query against the cache is
-    # a memory-bound matrix-vector product that the XLA reference handles as well, on every platform.
-    impl = "xla"
-
-    def layer_fn(carry, layer_and_index):
-        x, ck, cv = carry                                        # ck: (layers, batch, T, kv_heads, head_dim)
-        layer, i = layer_and_index
-        h = rms_norm(x, layer["attn_norm"]["scale"], cfg.norm_eps)
-        q, k, v = _qkv(h, layer["attn"], pos_new, cfg)                        # k: (batch, 1, kv_heads, head_dim)
-        # The full cache rides in the carry so XLA updates it in place (a stacked scan output would copy it).
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, index, 0, 0))
-        keys, values = ck[i], cv[i]                                           # (batch, T, kv_heads, head_dim)
-        out = attention(q, keys, values, q_segment_ids=seg_new, k_segment_ids=seg, q_positions=pos_new,
-                        k_positions=pos, impl=impl, alibi=cfg.position == "alibi")
-        x = x + jnp.einsum("blhk,hkd->bld", out, layer["attn"]["o"].astype(x.dtype))
-        return (_mlp_residual(x, layer, cfg), ck, cv), None
-
-    layer_ids = jnp.arange(cfg.num_layers)
-    (x, ck, cv), _ = jax.lax.scan(layer_fn, (x, cache["k"], cache["v"]), (params["layers"], layer_ids))
-    new_cache = {"k": ck, "v": cv, "segment_ids": seg, "positions": pos}
-    return _last_logits(params, x, cfg), new_cache
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,54 +106,38 @@ def _truncated_sample(logits, seeds, rows, step, temperature, top_k, top_p, gree
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
+def row_sampling(per_row: Sequence[SamplingParams], seed_by_row: bool) -> dict[str, np.ndarray]:
+    """The per-row sampling arrays that `sample_tokens` reads (seeds, rows, temperature, top_k, top_p), each
+    (batch,). seed_by_row: the rows are one request sharing a seed, so row i draws with (seed, i); otherwise each
+    row is its own request and draws with (seed, 0), whatever its place in the batch."""
+    return {"seeds": np.array([sp.seed for sp in per_row], np.uint32),
+            "rows": np.arange(len(per_row), dtype=np.uint32) if seed_by_row else np.zeros(len(per_row), np.uint32),
+            "temperature": np.array([sp.temperature for sp in per_row], np.float32),
+            "top_k": np.array([sp.top_k for sp in per_row], np.int32),
+            "top_p": np.array([sp.top_p for sp in per_row], np.float32)}
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def _prefill_and_sample(params, tokens, segment_ids, positions, knobs, cfg, cache_len):
-    logits, cache = _prefill(params, tokens, segment_ids, positions, cfg, cache_len)
-    return sample_tokens(logits, knobs["seeds"], knobs["rows"], 0, knobs["temperature"], knobs["top_k"],
-                         knobs["top_p"]), cache
+def prefill_and_sample(params, tokens, segment_ids, positions, sampling, cfg, cache_len):
+    """The prompts' first new tokens (sample_tokens' four arrays) and the cache; `sampling` from row_sampling."""
+    logits, cache = prefill(params, tokens, segment_ids, positions, cfg, cache_len)
+    return sample_tokens(logits, step=0, **sampling), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _decode_and_sample(params, cache, tokens, positions, index, step, knobs, cfg):
-    logits, cache = _decode(params, cache, tokens, positions, index, cfg)
-    return sample_tokens(logits, knobs["seeds"], knobs["rows"], step, knobs["temperature"], knobs["top_k"],
-                         knobs["top_p"]), cache
+def decode_and_sample(params, cache, tokens, positions, index, step, sampling, cfg):
+    """Feeds tokens (batch,) at cache slot `index`, samples the next ones (draw number `step`)."""
+    logits, cache = decode_step(params, cache, tokens, positions, index, cfg)
+    return sample_tokens(logits, step=step, **sampling), cache
 
 
 def decode_compilations() -> int:
     """How many decode-step programs have been compiled in this process (tests: no recompiles per token)."""
-    return _decode_and_sample._cache_size()
+    return decode_and_sample._cache_size()
 
 
 # ----------------------------------------------------------------------------------------------------
 # The host loop.
-
-def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
-
-
-def bucket_length(n: int) -> int:
-    """n rounded up to a multiple of 16 below 64, then to a quarter of its power of two (64, 80, 96, 112, 128,
-    160, ...): at most 25% padding, and a handful of compiled prefill programs per octave of prompt length."""
-    if n <= 4 * _PROMPT_BUCKET:
-        return _round_up(n, _PROMPT_BUCKET)
-    return _round_up(n, 1 << (n.bit_length() - 3))
-
-
-def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens, segment_ids, positions), each (batch, length) int32, prompts right-aligned."""
-    batch = len(prompts)
-    tokens = np.zeros((batch, length), np.int32)
-    seg = np.zeros((batch, length), np.int32)
-    pos = np.zeros((batch, length), np.int32)
-    for i, p in enumerate(prompts):
-        n = len(p)
-        if n:
-            tokens[i, length - n:] = p
-            seg[i, length - n:] = 1
-            pos[i, length - n:] = np.arange(n)
-    return tokens, seg, pos
-
 
 class _TextTracker:
     """The decoded continuation of one row, with stop strings cut and unsafe tails held back.
@@ -307,31 +195,26 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         return results
 
     # Bucket the shapes (batch to a power of two, lengths to multiples) so servers reuse compiled programs.
-    padded_batch = 1 << (batch - 1).bit_length()
+    padded_batch = bucket_batch(batch)
     prompt_len = bucket_length(max(len(p) for p in prompts))
-    cache_len = _round_up(prompt_len + max_new, _CACHE_BUCKET)
-    rows = list(prompts) + [[int(prompts[0][0])]] * (padded_batch - batch)    # dummy rows, discarded
-    knob_rows = per_row + [per_row[0]] * (padded_batch - batch)
-    single = not isinstance(sampling, (list, tuple))
-    knobs = {"seeds": np.array([sp.seed for sp in knob_rows], np.uint32),
-             "rows": np.array([i if single else 0 for i in range(padded_batch)], np.uint32),
-             "temperature": np.array([sp.temperature for sp in knob_rows], np.float32),
-             "top_k": np.array([sp.top_k for sp in knob_rows], np.int32),
-             "top_p": np.array([sp.top_p for sp in knob_rows], np.float32)}
-    tokens, seg, pos = left_pad(rows, prompt_len)
-    next_pos = np.array([len(p) for p in rows], np.int32)                     # position of the token being fed
+    cache_len = round_up(prompt_len + max_new, CACHE_BUCKET)
+    # Rows beyond `batch` are all padding; their samples are discarded.
+    tokens, seg, pos = pad_sequences(prompts, prompt_len, side="left", batch=padded_batch)
+    sampling_arrays = row_sampling(per_row + [per_row[0]] * (padded_batch - batch),
+                                   seed_by_row=not isinstance(sampling, (list, tuple)))
+    next_pos = seg.sum(axis=1, dtype=np.int32)                               # position of the token being fed
     trackers = [_TextTracker(tokenizer, p, sp.stop_strings) if tokenizer is not None else None
                 for p, sp in zip(prompts, per_row)]
     done = [False] * batch
 
-    out, cache = _prefill_and_sample(params, tokens, seg, pos, knobs, cfg=cfg, cache_len=cache_len)
+    out, cache = prefill_and_sample(params, tokens, seg, pos, sampling_arrays, cfg=cfg, cache_len=cache_len)
     for step in range(max_new):
         # Dispatch the next step before reading this one's tokens: the host bookkeeping below overlaps the
         # device's work (JAX dispatch is asynchronous). The last step's extra work is discarded.
         pending = None
         if step + 1 < max_new and not all(done):
-            pending = _decode_and_sample(params, cache, out[0], next_pos + step, prompt_len + step, step + 1,
-                                         knobs, cfg=cfg)
+            pending = decode_and_sample(params, cache, out[0], next_pos + step, prompt_len + step, step + 1,
+                                        sampling_arrays, cfg=cfg)
         new_tok, chosen, top_ids, top_lp = (np.asarray(a) for a in out)
         for i in range(batch):
             if done[i]:
@@ -380,17 +263,12 @@ def score_tokens(params, cfg: ModelConfig, sequences: Sequence[Sequence[int]]) -
     """Log-probability of every token given the ones before it (the first token has none).
 
     Returns per sequence {"logprobs": [None, lp1, ...], "top_logprobs": [None, [(id, lp), ...], ...]}."""
-    length = _round_up(max(len(s) for s in sequences), _PROMPT_BUCKET)
-    if length > cfg.max_seq_len:
-        raise ValueError(f"a sequence of {max(len(s) for s in sequences)} tokens exceeds the model's context "
-                         f"{cfg.max_seq_len}")
+    longest = max(len(s) for s in sequences)
+    if longest > cfg.max_seq_len:
+        raise ValueError(f"a sequence of {longest} tokens exceeds the model's context {cfg.max_seq_len}")
     # Right padding here: one full forward pass, no cache; segment id 0 masks the padding.
-    batch = 1 << (len(sequences) - 1).bit_length()
-    tokens = np.zeros((batch, length), np.int32)
-    seg = np.zeros((batch, length), np.int32)
-    for i, s in enumerate(sequences):
-        tokens[i, :len(s)], seg[i, :len(s)] = s, 1
-    pos = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+    tokens, seg, pos = pad_sequences(sequences, bucket_length(longest), side="right",
+                                     batch=bucket_batch(len(sequences)))
     chosen, top_ids, top_lp = (np.asarray(a) for a in _score(params, tokens, seg, pos, cfg=cfg))
     out = []
     for i, s in enumerate(sequences):
