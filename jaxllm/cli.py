@@ -25,9 +25,9 @@ COMMANDS = {
                    "the main job: tokenizer + tiny LM on the built-in corpora, offline, on a CPU"),
     "eval": ("jaxllm.eval.cli:main", "evaluate a checkpoint: perplexity (ppl), multiple choice (mcq), judge"),
     "generate": ("jaxllm.eval.cli:generate_main", "sample continuations of prompts from a checkpoint"),
-    "serve": ("jaxllm.serve:main", "OpenAI-compatible HTTP server over a checkpoint"),
+    "serve": ("jaxllm.serve.cli:main", "OpenAI-compatible HTTP server over a checkpoint"),
     "instruct": ("jaxllm.instruct.cli:main", "instruction data: self-instruct through a teacher endpoint"),
-    "plan-memory": ("jaxllm.plan_memory:main",
+    "plan-memory": ("jaxllm.plan_memory_cli:main",
                     "bytes per device (params, optimizer, gradients, activations) for a config and mesh"),
     "data": ("jaxllm.data.cli:main", "data at scale: plan a mixture, prepare token shards, clean and dedup text"),
 }

@@ -1,7 +1,7 @@
-"""`jaxllm plan-memory`: bytes per device of a training run, before launching it.
+"""Bytes per device of a training run, before launching it (`jaxllm plan-memory`, plan_memory_cli.py).
 
 Parameters, optimizer state and gradients come from `jax.eval_shape` of the train state and the shardings
-the trainer would give it (`trainer.state_shardings`), over an abstract mesh of the configured sizes, so a
+the trainer would give it (`steps.state_shardings`), over an abstract mesh of the configured sizes, so a
 64-device plan needs no 64 devices and nothing is allocated. Activations are an estimate (below). Where
 the current backend has the mesh's devices, `--compile` also compiles the train step and reads XLA's
 memory analysis of the executable: what the compiler will actually ask for.
@@ -21,11 +21,9 @@ leaves out XLA's temporary buffers and fragmentation: keep a margin (the warning
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -94,13 +92,15 @@ def _model_for_plan(cfg: Config):
 
 def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> dict:
     """Bytes per device of params, optimizer state, gradients, the batch and activations (estimate), for the
-    LM train step of `cfg` on a mesh of cfg.mesh's sizes; nothing is allocated."""
+    LM train step of `cfg` on a mesh of cfg.mesh's sizes; nothing is allocated. chip: a name of CHIPS."""
     from jax.sharding import AbstractMesh
 
     from jaxllm.model.spec import count_params, param_specs
     from jaxllm.optim import make_optimizer
-    from jaxllm.trainer import state_shardings
+    from jaxllm.steps import state_shardings
 
+    if chip is not None and chip not in CHIPS:
+        raise ValueError(f"unknown chip {chip!r}; known: {', '.join(sorted(CHIPS))}")
     model = _model_for_plan(cfg)
     sizes = mesh_sizes(cfg.mesh, devices)
     mesh = AbstractMesh(tuple(sizes.values()), MESH_AXES)
@@ -137,9 +137,9 @@ def compiled_memory(cfg: Config) -> dict:
     arguments, outputs, temporaries, aliased (donated) bytes and the peak they imply."""
     from jaxllm import sharding
     from jaxllm.model.spec import param_specs
+    from jaxllm.objectives import lm
     from jaxllm.optim import make_optimizer
-    from jaxllm.steps import lm_loss, train_step
-    from jaxllm.trainer import state_shardings
+    from jaxllm.steps import state_shardings
 
     model = _model_for_plan(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -150,9 +150,8 @@ def compiled_memory(cfg: Config) -> dict:
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sh)
              for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    step = jax.jit(functools.partial(train_step, loss_fn=functools.partial(lm_loss, model_cfg=model,
-                                                                           z_loss=cfg.train.z_loss),
-                                     tx=tx, accum_steps=cfg.optim.grad_accum_steps),
+    step = jax.jit(functools.partial(lm.train_step, tx=tx, accum_steps=cfg.optim.grad_accum_steps, model_cfg=model,
+                                     z_loss=cfg.train.z_loss),
                    in_shardings=(state_sh, {k: batch_sh for k in batch}, None), out_shardings=(state_sh, None),
                    donate_argnums=(0,))
     with sharding.use_rules(mesh, cfg.mesh.rules):
@@ -162,6 +161,15 @@ def compiled_memory(cfg: Config) -> dict:
     out = {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     return out
+
+
+def fits(p: dict, chip: str, compiled: dict | None = None) -> bool:
+    """Whether the plan (or the compiled step's peak, when larger) leaves the chip FIT_FRACTION headroom."""
+    return _needed(p, compiled) <= FIT_FRACTION * CHIPS[chip] * GB
+
+
+def _needed(p: dict, compiled: dict | None) -> int:
+    return max(p["total"], compiled["peak"] if compiled else 0)
 
 
 def _size(n: float) -> str:
@@ -192,40 +200,7 @@ def format_plan(p: dict, chip: str | None = None, compiled: dict | None = None) 
                      f"{_size(compiled['argument']).strip()}, temporaries {_size(compiled['temp']).strip()}, peak "
                      f"{_size(compiled['peak']).strip()}")
     if chip:
-        need = max(p["total"], compiled["peak"] if compiled else 0)
-        have = CHIPS[chip] * GB
-        verdict = "fits" if need <= FIT_FRACTION * have else "DOES NOT FIT"
-        lines.append(f"{chip}: {CHIPS[chip]} GB per device -> {verdict} ({100 * need / have:.0f}% used)")
+        verdict = "fits" if fits(p, chip, compiled) else "DOES NOT FIT"
+        lines.append(f"{chip}: {CHIPS[chip]} GB per device -> {verdict} "
+                     f"({100 * _needed(p, compiled) / (CHIPS[chip] * GB):.0f}% used)")
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="jaxllm plan-memory", description="bytes per device (params, optimizer state, gradients, "
-        "activations) of a training config on its mesh, without allocating; --config.* overrides as in train")
-    parser.add_argument("--devices", type=int, default=None,
-                        help="devices in the mesh (fills a -1 mesh size); default: the mesh's explicit sizes")
-    parser.add_argument("--chip", choices=sorted(CHIPS), default=None, help="warn if the plan does not fit it")
-    parser.add_argument("--compile", action="store_true",
-                        help="also compile the train step here and print XLA's memory analysis (needs the "
-                             "mesh's devices on this backend)")
-    config_args = [a for a in argv if a.startswith("--config")]
-    args = parser.parse_args([a for a in argv if not a.startswith("--config")])
-    from jaxllm.cli import load_config
-    if not any(a.startswith("--config.workdir") for a in config_args):
-        config_args.append("--config.workdir=unused-by-plan-memory")   # required by train, never written here
-    cfg = load_config(config_args)
-    devices = jax.device_count() if args.compile and args.devices is None else args.devices
-    p = plan(cfg, devices, args.chip)
-    compiled = None
-    if args.compile:
-        if p["devices"] != jax.device_count():
-            raise ValueError(f"--compile needs the mesh's {p['devices']} devices; this backend has "
-                             f"{jax.device_count()} ({jax.default_backend()})")
-        compiled = compiled_memory(cfg)
-    print(format_plan(p, args.chip, compiled))
-    if args.chip and max(p["total"], compiled["peak"] if compiled else 0) > FIT_FRACTION * CHIPS[args.chip] * GB:
-        print(f"WARNING: this run does not fit a {args.chip} ({CHIPS[args.chip]} GB per device, "
-              f"{FIT_FRACTION:.0%} usable): shard further (mesh.fsdp), remat more (model.remat=full), or lower "
-              f"train.batch_size / raise optim.grad_accum_steps", file=sys.stderr)
-    return 0

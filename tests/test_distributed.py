@@ -289,8 +289,9 @@ def test_memory_plan_of_llama2_7b_on_64_devices_is_the_sharded_share(capsys):
     assert p["params"] == 6_738_415_616 * 4 // 64                      # fp32, every weight split 64 ways
     assert 2 * p["params"] <= p["opt_state"] < 2 * p["params"] + 64    # Adam's two moments, plus counters
     assert p["grads"] == p["params"] and p["tokens_per_device"] == 256 * 2048 / 64
-    assert plan_memory.main(["--config=configs/pretrain.py:model=llama2-7b", "--config.model.vocab_size=32000",
-                             "--config.mesh.fsdp=8", "--chip=h100"]) == 0
+    from jaxllm import plan_memory_cli
+    assert plan_memory_cli.main(["--config=configs/pretrain.py:model=llama2-7b", "--config.model.vocab_size=32000",
+                                 "--config.mesh.fsdp=8", "--chip=h100"]) == 0
     captured = capsys.readouterr()
     assert "DOES NOT FIT" in captured.out and "WARNING: this run does not fit a h100" in captured.err
 

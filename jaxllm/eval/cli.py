@@ -122,4 +122,3 @@ def generate_main(argv: list[str]) -> int:
         print(f"--- {prompt!r} ({len(c.tokens)} tokens, {c.finish_reason})")
         print(prompt + c.text if not args.template else c.text)
     return 0
-

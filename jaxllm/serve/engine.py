@@ -96,4 +96,3 @@ class Engine:
         results = generate(self.params, self.cfg, prompts, sampling, tokenizer=self.tokenizer, on_token=on_token)
         for j in jobs:
             j.events.put(("done", [results[k] for k, (owner, _) in enumerate(owners) if owner is j]))
-

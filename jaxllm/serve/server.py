@@ -392,4 +392,3 @@ class Server:
             self._thread.join()
         self.httpd.server_close()
         self.engine.close()
-
