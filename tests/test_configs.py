@@ -43,9 +43,9 @@ def stated_fields(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     stated = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "jaxllm.configs":
-            for alias in node.names:
-                stated |= stated_fields(path.parent / f"{alias.name}.py")
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxllm.configs"):
+            bases = [a.name for a in node.names] if node.module == "jaxllm.configs" else [node.module.split(".")[-1]]
+            stated = stated.union(*(stated_fields(path.parent / f"{base}.py") for base in bases))
         for target in getattr(node, "targets", [getattr(node, "target", None)]):
             parts = []
             while isinstance(target, ast.Attribute):

@@ -10,25 +10,16 @@ knobs (dpo.beta, dpo.loss: sigmoid / cDPO with dpo.label_smoothing / ipo, dpo.re
 keep their defaults (jaxllm/config.py DPOConfig). Arguments: `model=<preset>` (default tiny),
 `template=alpaca|alpaca_zh|chat` (the SFT model's). Every other field is configs/pretrain.py's.
 """
-from jaxllm.configs import pretrain
+from jaxllm.configs.post_training import post_training_config
 
 
 def get_config(arg: str = ""):
-    args = pretrain.parse_arg(arg, known=("model", "template"))
-    model = args.get("model", "tiny")
-    tiny = model == "tiny"
-    c = pretrain.config_for_model(model)
+    c, tiny = post_training_config(arg, seq_len=(256, 1024), eval_fraction=0.1)
     c.objective = "dpo"              # -log σ(β · (policy − reference) log-ratio gap)
-    c.data.eval_fraction = 0.1       # share of pairs held out when data.eval is empty
-    c.data.template = args.get("template", "alpaca")  # the template the SFT model was trained with
-    c.data.overlong = "truncate_prompt"  # too long: cut the prompt from the left ("skip" drops the pair)
-    c.data.seq_len = 256 if tiny else 1024                        # tokens per prompt + answer
-    c.model.max_seq_len = max(c.model.max_seq_len, c.data.seq_len)   # positions up to data.seq_len
     c.optim.lr = 5e-4 if tiny else 5e-7                           # DPO moves a trained model: a small peak
     c.optim.warmup_steps = 10 if tiny else 100                    # linear warmup from 0
     c.optim.weight_decay = 0.0       # the reference, not weight decay, anchors the policy
     c.train.steps = 100 if tiny else 2000                         # optimizer updates
     c.train.batch_size = 8 if tiny else 64                        # pairs per step
     c.train.eval_every = 25 if tiny else 200                      # steps between held-out evaluations
-    c.train.z_loss = 0.0             # the reference anchors the logits; no extra penalty
     return c

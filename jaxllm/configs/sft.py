@@ -10,22 +10,13 @@ held-out files, or empty to hold out data.eval_fraction of the records. Samples 
 never attending to each other (data.pack). Arguments: `model=<preset>` (default tiny), `template=alpaca|
 alpaca_zh|chat` (e.g. `--config=sft:model=125m,template=chat`). Every other field is configs/pretrain.py's.
 """
-from jaxllm.configs import pretrain
+from jaxllm.configs.post_training import post_training_config
 
 
 def get_config(arg: str = ""):
-    args = pretrain.parse_arg(arg, known=("model", "template"))
-    model = args.get("model", "tiny")
-    tiny = model == "tiny"
-    c = pretrain.config_for_model(model)
+    c, tiny = post_training_config(arg, seq_len=(512, 2048), eval_fraction=0.05)
     c.objective = "sft"              # next-token loss on assistant tokens only
-    c.data.eval_fraction = 0.05      # share of records held out when data.eval is empty
-    c.data.template = args.get("template", "alpaca")  # "alpaca", "alpaca_zh" or "chat" (data/templates.py)
-    c.data.overlong = "truncate_prompt"  # too long: cut the prompt from the left ("skip" drops the sample)
-    c.data.seq_len = 512 if tiny else 2048                        # tokens per packed row
-    c.model.max_seq_len = max(c.model.max_seq_len, c.data.seq_len)   # positions up to data.seq_len
     c.optim.lr = 1e-3 if tiny else 2e-5                           # fine-tuning: a smaller peak
     c.optim.warmup_steps = 20 if tiny else 100                    # linear warmup from 0
     c.train.steps = 200 if tiny else 3000                         # optimizer updates
-    c.train.z_loss = 0.0             # pretraining's logit penalty is not needed when fine-tuning
     return c
