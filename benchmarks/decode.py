@@ -51,14 +51,14 @@ def bench_jax(params, cfg: ModelConfig, prompts: np.ndarray, new_tokens: int, re
     padded = bucket_length(prompt_len)
     cache_len = round_up(padded + new_tokens, gen.CACHE_BUCKET)
     tokens, seg, pos = pad_sequences(rows, padded, side="left")
-    row_sampling = gen.row_sampling([sampling] * batch, seed_by_row=True)
+    sampling_arrays = gen.row_sampling([sampling] * batch, seed_by_row=True)
     next_pos = np.full(batch, prompt_len, np.int32)
-    (tok, *_), cache = gen.prefill_and_sample(params, tokens, seg, pos, row_sampling, cfg=cfg, cache_len=cache_len)
+    (tok, *_), cache = gen.prefill_and_sample(params, tokens, seg, pos, sampling_arrays, cfg=cfg, cache_len=cache_len)
     jax.block_until_ready(tok)
     t0 = time.perf_counter()
     for step in range(new_tokens - 1):
         (tok, *_), cache = gen.decode_and_sample(params, cache, tok, next_pos + step, padded + step, step + 1,
-                                                 row_sampling, cfg=cfg)
+                                                 sampling_arrays, cfg=cfg)
     jax.block_until_ready(tok)
     device_rate = batch * (new_tokens - 1) / (time.perf_counter() - t0)
     return {"compile_s": compile_s, "ttft_ms": 1000 * float(np.median(ttfts)), "tokens_per_s": float(np.median(rates)),

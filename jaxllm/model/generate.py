@@ -118,17 +118,17 @@ def row_sampling(per_row: Sequence[SamplingParams], seed_by_row: bool) -> dict[s
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def prefill_and_sample(params, tokens, segment_ids, positions, sampling, cfg, cache_len):
-    """The prompts' first new tokens (sample_tokens' four arrays) and the cache; `sampling` from row_sampling."""
+def prefill_and_sample(params, tokens, segment_ids, positions, sampling_arrays, cfg, cache_len):
+    """The prompts' first new tokens (sample_tokens' four arrays) and the cache; sampling_arrays: row_sampling's."""
     logits, cache = prefill(params, tokens, segment_ids, positions, cfg, cache_len)
-    return sample_tokens(logits, step=0, **sampling), cache
+    return sample_tokens(logits, step=0, **sampling_arrays), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def decode_and_sample(params, cache, tokens, positions, index, step, sampling, cfg):
+def decode_and_sample(params, cache, tokens, positions, index, step, sampling_arrays, cfg):
     """Feeds tokens (batch,) at cache slot `index`, samples the next ones (draw number `step`)."""
     logits, cache = decode_step(params, cache, tokens, positions, index, cfg)
-    return sample_tokens(logits, step=step, **sampling), cache
+    return sample_tokens(logits, step=step, **sampling_arrays), cache
 
 
 def decode_compilations() -> int:
