@@ -25,7 +25,8 @@ from jaxllm.config import ModelConfig, OptimConfig
 from jaxllm.metrics import device_peak_tflops, mfu
 from jaxllm.model.spec import count_params, flops_per_token, init_params
 from jaxllm.optim import make_optimizer
-from jaxllm.steps import init_train_state, train_step_lm
+from jaxllm.objectives.lm import train_step as lm_train_step
+from jaxllm.steps import init_train_state
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, docs_per_row: int, seed: int = 0) -> dict:
@@ -54,7 +55,7 @@ def bench_jax(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: in
     tx = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=10), 1000)
     state = jax.jit(lambda k: init_train_state(init_params(cfg, k), tx))(jax.random.key(0))
     data = {k: jnp.asarray(v) for k, v in synthetic_batch(batch, seq_len, cfg.vocab_size, docs_per_row).items()}
-    step = jax.jit(functools.partial(train_step_lm, model_cfg=cfg, tx=tx), donate_argnums=(0,))
+    step = jax.jit(functools.partial(lm_train_step, model_cfg=cfg, tx=tx), donate_argnums=(0,))
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0

@@ -11,7 +11,6 @@ Hugging Face Llama directory (converted on the fly).
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import json
 import logging
@@ -69,7 +68,7 @@ def _process_file(index: int, count: int) -> str:
 class PerProcessJsonHandler(ocp.handlers.AsyncCheckpointHandler):
     """Every process writes its own JSON (its data iterator's state) into the item directory; Orbax commits the
     step only when all have. Restore gives this process's state when the process count is unchanged, and
-    every process's when it changed (see `reshard_data_state`)."""
+    every process's when it changed (for the data pipeline to re-split)."""
 
     async def async_save(self, directory, args: "PerProcessSave"):
         text = json.dumps(args.item)   # serialised now: the iterator moves on while an async save runs
@@ -121,54 +120,6 @@ class PerProcessRestore(ocp.args.CheckpointArgs):
     pass
 
 
-def _lane_blocks(state, out: list) -> list:
-    """The lane states (data/mixture.py: dicts with "jaxllm_lanes") inside an iterator state, in order."""
-    if isinstance(state, dict):
-        if "jaxllm_lanes" in state:
-            out.append(state)
-        else:
-            for v in state.values():
-                _lane_blocks(v, out)
-    elif isinstance(state, list):
-        for v in state:
-            _lane_blocks(v, out)
-    return out
-
-
-def reshard_data_state(saved: dict[int, dict], template: dict, process_count: int) -> dict:
-    """This process's data state from the states saved by a different number of processes.
-
-    Sound for lane pipelines (data/mixture.py): row b of every global batch comes from lane b whatever the
-    process count, each lane's state is self-contained, and checkpoints are taken between batches. So the
-    lanes this process now owns take the saved states of the same lanes, wherever they were. `template` is
-    this process's fresh iterator state (its lane ids and the wrapping of e.g. Grain workers)."""
-    lanes = {}
-    for index, state in sorted(saved.items()):
-        for block in _lane_blocks(state, []):
-            if int(block["next"]) != 0:
-                raise CheckpointMismatchError(f"the data state of process {index} was saved in the middle of a "
-                                              f"batch; it cannot be re-split across processes")
-            lanes.update(zip(map(int, block["jaxllm_lanes"]), block["lanes"]))
-    blocks = _lane_blocks(template, [])
-    if not lanes or not blocks:
-        raise CheckpointMismatchError(
-            f"the checkpoint's data state was written by {len(saved)} process(es) and this run has "
-            f"{process_count}; this objective's data pipeline cannot re-split its position across a different "
-            f"number of processes (only the lane pipeline of `lm` can). Resume with {len(saved)} process(es), "
-            f"or start the data order afresh from init_from")
-    mine = sum(len(b["jaxllm_lanes"]) for b in blocks)
-    if mine * process_count != len(lanes) or set(lanes) != set(range(len(lanes))):
-        raise CheckpointMismatchError(
-            f"the checkpoint's data state has {len(lanes)} lanes (its global batch size) but this run has "
-            f"{mine * process_count} ({mine} per process x {process_count}): the data order depends on the "
-            f"global batch size, so keep train.batch_size as it was")
-    out = copy.deepcopy(template)
-    for block in _lane_blocks(out, []):
-        block["lanes"] = [lanes[int(i)] for i in block["jaxllm_lanes"]]
-        block["next"] = 0
-    return out
-
-
 class RunCheckpointer:
     """Orbax CheckpointManager over <workdir>/checkpoints: async saves, keep-N, resume from the newest."""
 
@@ -191,11 +142,11 @@ class RunCheckpointer:
             items[DATA_ITEM] = PerProcessSave(data_state)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_state, data_template: dict | None = None) -> tuple[dict, dict | None]:
+    def restore(self, step: int, abstract_state, resplit_data=None) -> tuple[dict, dict | None]:
         """abstract_state: ShapeDtypeStructs with shardings; arrays come back already sharded, resharded to
-        this run's mesh. The data state is this process's own; when the checkpoint was written by a different
-        number of processes it is rebuilt from theirs (`reshard_data_state`, needs `data_template`: this
-        process's fresh iterator state)."""
+        this run's mesh. The data state is this process's own, an opaque JSON value; when the checkpoint was
+        written by a different number of processes, `resplit_data({process index: saved state})` (the data
+        pipeline's, e.g. data.resplit_data_state) makes this process's from all of theirs."""
         meta = self.manager.item_metadata(step)["state"]
         problems = _shape_mismatches(getattr(meta, "tree", meta), abstract_state)
         if problems:
@@ -216,12 +167,12 @@ class RunCheckpointer:
             return restored["state"], None
         if count == jax.process_count() and jax.process_index() in states:
             return restored["state"], states[jax.process_index()]
-        if data_template is None:
+        if resplit_data is None:
             raise CheckpointMismatchError(f"{self.directory / str(step)}: written by {count} process(es), "
-                                          f"restored by {jax.process_count()}; pass data_template to re-split "
+                                          f"restored by {jax.process_count()}; pass resplit_data to re-split "
                                           f"the data state")
         logging.info("data state: re-split from %d process(es) to %d", count, jax.process_count())
-        return restored["state"], reshard_data_state(states, data_template, jax.process_count())
+        return restored["state"], resplit_data(states)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -254,7 +205,7 @@ def _model_config_of_run(workdir: Path) -> ModelConfig:
     return config_lib.model_config_from_dict(run_cfg["model"])
 
 
-def resolve(path: str) -> dict:
+def describe_checkpoint(path: str) -> dict:
     """What a --checkpoint path points at: {kind, model_cfg, tokenizer, params_dir|step_dir}."""
     p = Path(path).absolute()
     if (p / MODEL_CONFIG_FILE).exists() and (p / "params").exists():
@@ -305,7 +256,7 @@ def load_params(path: str, shardings=None) -> tuple[dict, ModelConfig, str | Non
     """(params, model_cfg, tokenizer_path) from any checkpoint a command accepts. `shardings`, a tree
     matching the decoder params, places them directly; by default they land on the default device.
     Heads saved with the params (a reward model's) come back too."""
-    info = resolve(path)
+    info = describe_checkpoint(path)
     model_cfg = info["model_cfg"]
     if info["kind"] == "hf":
         from jaxllm.model.convert import from_hf

@@ -26,12 +26,13 @@ import numpy as np
 from jaxllm.checkpoint import load_params
 from jaxllm.config import (Config, DataConfig, DPOConfig, ModelConfig, OptimConfig, RewardConfig, TrainConfig)
 from jaxllm.data import load_documents, split_heldout
-from jaxllm.data.chat_pipeline import encode_pairs, pair_arrays
+from jaxllm.data.chat_pipeline import encode_pairs, pair_batch
 from jaxllm.data.formats import load_sft
 from jaxllm.eval.multiple_choice import Question, evaluate_questions
 from jaxllm.eval.perplexity import text_perplexity
 from jaxllm.model.generate import SamplingParams, generate_text
 from jaxllm.model.heads import pair_logprobs
+from jaxllm.objectives.lm import lm_documents
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.tokenizer.inspect import tokens_per_char_by_language
 from jaxllm.trainer import train
@@ -102,10 +103,7 @@ def label_accuracy(checkpoint: str, sft_file: Path, eval_fraction: float, seed: 
     logprobs = jax.jit(functools.partial(pair_logprobs, cfg=model_cfg))
     correct = 0
     for start in range(0, len(encoded), 32):
-        arrays = [pair_arrays(p, seq_len) for p in encoded[start:start + 32]]
-        batch = {k: np.stack([a[k] for a in arrays]) for k in ("tokens", "targets", "loss_mask", "segment_ids",
-                                                               "positions")}
-        lp = np.asarray(logprobs(params, batch))
+        lp = np.asarray(logprobs(params, pair_batch(encoded[start:start + 32], seq_len)))   # (pairs, 2)
         correct += int(np.sum(lp[:, 0] > lp[:, 1]))
     return correct / len(encoded)
 
@@ -150,8 +148,7 @@ def run_quickstart(workdir: str, steps: int = 300, vocab_size: int = 8000, post_
     # 1) pretraining
     cfg = quickstart_config(str(root / "pretrain"), steps, vocab_size)
     result = train(cfg)
-    docs = load_documents(cfg.data.sources, jsonl_field=cfg.data.jsonl_field, text_split=cfg.data.text_split)
-    _, heldout = split_heldout(docs, cfg.data.eval_fraction, cfg.train.seed)
+    _, heldout = lm_documents(cfg)
     chars = sum(len(d) for d in heldout)
     report["pretrain"] = {
         "steps": result["step"], "heldout_documents": len(heldout), "heldout_tokens": int(result["eval/tokens"]),

@@ -1,10 +1,12 @@
-"""Train and eval steps, one per objective.
+"""The shared step machinery: the train state, its shardings, gradient accumulation, one train step and one
+eval step. Objectives (jaxllm/objectives/) specialise `train_step` and `eval_step` with their loss.
 
-An objective supplies a loss function `loss_fn(params, batch, frozen) -> (loss_sum, sums)` where `sums`
-holds sums over its examples and `sums["count"]` is how many there are (tokens for LM, pairs for
-preferences); `frozen` holds arrays the loss reads but never trains (DPO's reference model; {} otherwise).
-`train_step` is shared and never branches on the objective: it accumulates gradients of the sum over
-micro-batches, divides once by the total count, clips and applies the optimizer.
+A loss is `loss_fn(params, batch, frozen, **settings) -> (loss_sum, sums)` where `sums` holds sums over its
+examples and `sums["count"]` is how many there are (tokens for LM, pairs for preferences); `frozen` holds
+arrays the loss reads but never trains (DPO's online reference model; {} otherwise) and `settings` its
+static hyperparameters (the model config, z_loss, beta, ...). `train_step` never branches on the objective:
+it accumulates gradients of the sum over micro-batches, divides once by the total count, clips and applies
+the optimizer.
 """
 from __future__ import annotations
 
@@ -14,55 +16,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxllm.config import ModelConfig
-from jaxllm.losses import bradley_terry, dpo, token_cross_entropy
-from jaxllm.model.heads import pair_logprobs, pair_rewards
-from jaxllm.model.transformer import forward
+from jaxllm import sharding
+from jaxllm.model.spec import init_from_specs, logical_axes
 
 
 def init_train_state(params, tx: optax.GradientTransformation) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def lm_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, z_loss: float = 0.0):
-    """Next-token loss on packed rows: batch has tokens, targets, loss_mask, segment_ids, positions,
-    each (batch, length)."""
-    logits = forward(params, batch["tokens"], model_cfg, segment_ids=batch["segment_ids"],
-                     positions=batch["positions"])                        # (batch, length, vocab)
-    sums = token_cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
-    total = sums.pop("loss")                       # what is differentiated: cross-entropy + z-loss
-    return total, {"loss": sums["nll"], "z_loss": sums["z_loss"], "count": sums["tokens"]}
+def state_shardings(specs, tx: optax.GradientTransformation, mesh, rules) -> tuple[dict, dict]:
+    """(abstract state, shardings) from a ParamSpec tree; optimizer moments follow their parameters."""
+    abstract = jax.eval_shape(lambda: init_train_state(init_from_specs(specs, jax.random.key(0)), tx))
+    param_sh = sharding.tree_shardings(mesh, rules, logical_axes(specs), abstract["params"])
+    # A frozen parameter (optim.trainable='new_rows': optax.multi_transform) has no moments, only a MaskedNode.
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    opt_sh = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abstract["opt_state"], param_sh,
+                                   transform_non_params=lambda _: sharding.replicated(mesh), is_leaf=masked)
+    return abstract, {"step": sharding.replicated(mesh), "params": param_sh, "opt_state": opt_sh}
 
 
-def reward_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, center: float = 0.0, use_margin: bool = True):
-    """Bradley-Terry on (chosen, rejected) pairs; batch arrays are (batch, 2, length), margin (batch,)."""
-    rewards = pair_rewards(params, batch, model_cfg)                          # (batch, 2)
-    margin = batch["margin"] if use_margin else jnp.zeros_like(batch["margin"])
-    sums = bradley_terry(rewards[:, 0], rewards[:, 1], margin, batch["weight"], center)
-    return sums["loss"], sums
-
-
-def dpo_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, beta: float, kind: str = "sigmoid",
-             label_smoothing: float = 0.0):
-    """DPO with the reference log-probabilities computed on the fly from frozen["reference"]."""
-    policy = pair_logprobs(params, batch, model_cfg)                          # (batch, 2)
-    reference = jax.lax.stop_gradient(pair_logprobs(frozen["reference"], batch, model_cfg))
-    sums = dpo(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], batch["weight"], beta, kind,
-               label_smoothing)
-    return sums["loss"], sums
-
-
-def dpo_loss_cached(params, batch, frozen=None, *, model_cfg: ModelConfig, beta: float, kind: str = "sigmoid",
-                    label_smoothing: float = 0.0):
-    """DPO with reference log-probabilities computed once before training and carried in the batch."""
-    policy = pair_logprobs(params, batch, model_cfg)
-    reference = batch["ref_logp"]                                             # (batch, 2)
-    sums = dpo(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], batch["weight"], beta, kind,
-               label_smoothing)
-    return sums["loss"], sums
-
-
-def _accumulate_gradients(loss_fn, params, batch, frozen, accum_steps: int):
+def accumulate_gradients(loss_fn, params, batch, frozen, accum_steps: int):
+    """(gradients of the loss sum, the loss's sums) over the batch, `accum_steps` micro-batches at a time."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
         (_, sums), grads = grad_fn(params, batch, frozen)
@@ -84,9 +58,12 @@ def _accumulate_gradients(loss_fn, params, batch, frozen, accum_steps: int):
 
 
 def train_step(state: dict, batch: dict, frozen=None, *, loss_fn, tx: optax.GradientTransformation,
-               accum_steps: int = 1):
-    """One optimizer update. Returns the new state and per-example means of the loss function's sums."""
-    grads, sums = _accumulate_gradients(loss_fn, state["params"], batch, frozen, accum_steps)
+               accum_steps: int = 1, **loss_settings):
+    """One optimizer update. Returns the new state and per-example means of the loss function's sums.
+
+    loss_settings are passed to loss_fn as keywords (its model config and hyperparameters)."""
+    loss_fn = functools.partial(loss_fn, **loss_settings)
+    grads, sums = accumulate_gradients(loss_fn, state["params"], batch, frozen, accum_steps)
     count = jnp.maximum(sums["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -96,36 +73,7 @@ def train_step(state: dict, batch: dict, frozen=None, *, loss_fn, tx: optax.Grad
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
-def eval_step(params, batch, frozen=None, *, loss_fn) -> dict:
+def eval_step(params, batch, frozen=None, *, loss_fn, **loss_settings) -> dict:
     """Sums (not means) over the batch, so an evaluation over many batches adds them up exactly."""
-    _, sums = loss_fn(params, batch, frozen)
+    _, sums = loss_fn(params, batch, frozen, **loss_settings)
     return sums
-
-
-def train_step_lm(state, batch, frozen=None, *, model_cfg: ModelConfig, tx, z_loss: float = 0.0,
-                  accum_steps: int = 1):
-    return train_step(state, batch, frozen, loss_fn=functools.partial(lm_loss, model_cfg=model_cfg, z_loss=z_loss),
-                      tx=tx, accum_steps=accum_steps)
-
-
-def eval_step_lm(params, batch, frozen=None, *, model_cfg: ModelConfig) -> dict:
-    return eval_step(params, batch, frozen, loss_fn=functools.partial(lm_loss, model_cfg=model_cfg))
-
-
-def train_step_sft(state, batch, frozen=None, *, model_cfg: ModelConfig, tx, accum_steps: int = 1):
-    """SFT is next-token loss on rows whose loss mask covers the answers only (data/chat_pipeline.py)."""
-    return train_step(state, batch, frozen, loss_fn=functools.partial(lm_loss, model_cfg=model_cfg), tx=tx,
-                      accum_steps=accum_steps)
-
-
-def train_step_reward(state, batch, frozen=None, *, model_cfg: ModelConfig, tx, center: float = 0.0,
-                      accum_steps: int = 1):
-    return train_step(state, batch, frozen, loss_fn=functools.partial(reward_loss, model_cfg=model_cfg,
-                                                                      center=center), tx=tx, accum_steps=accum_steps)
-
-
-def train_step_dpo(state, batch, frozen, *, model_cfg: ModelConfig, tx, beta: float, kind: str = "sigmoid",
-                   label_smoothing: float = 0.0, accum_steps: int = 1):
-    return train_step(state, batch, frozen, loss_fn=functools.partial(dpo_loss, model_cfg=model_cfg, beta=beta,
-                                                                      kind=kind, label_smoothing=label_smoothing),
-                      tx=tx, accum_steps=accum_steps)

@@ -1,60 +1,36 @@
 """The training loop: create or restore sharded state, run jitted steps, log, evaluate, save.
 
-The loop is objective-agnostic: `cfg.objective` names an Objective (objectives.py) that brings its loss,
-data, parameter specs and evaluation report; the step functions are shared.
+The loop is objective-agnostic: `cfg.objective` names an objective module (jaxllm/objectives/) whose
+train_step and eval_step it jits and runs; run_setup.py has already resolved the config, the tokenizer, the
+initial parameters and the mesh.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
-import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxllm import config as config_lib
 from jaxllm import distributed, sharding
-from jaxllm.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE, RunCheckpointer, resolve
+from jaxllm.checkpoint import RunCheckpointer
 from jaxllm.config import Config
+from jaxllm.data.mixture import resplit_data_state
 from jaxllm.metrics import MetricWriter, Progress, device_peak_tflops, mfu, plot_curves
-from jaxllm.model.resize import fit_run_to_tokenizer, resize_init_params
-from jaxllm.model.spec import flops_per_token, init_from_specs, logical_axes
+from jaxllm.model.spec import flops_per_token, init_from_specs
+from jaxllm.objectives import Objective, build_objective
 from jaxllm.optim import lr_schedule, make_optimizer
-from jaxllm import objectives
-from jaxllm.objectives import lm_documents
-from jaxllm.steps import eval_step, init_train_state, train_step
-from jaxllm.tokenizer import Tokenizer, train_tokenizer
+from jaxllm.run_setup import load_init_params, setup_run
+from jaxllm.steps import init_train_state, state_shardings
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the last good checkpoint is left untouched."""
-
-
-def resolve_model_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
-    """model.vocab_size = 0 takes the tokenizer's size; a model smaller than its tokenizer is an error."""
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    if vocab < tokenizer.vocab_size:
-        raise config_lib.ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary "
-                                     f"({tokenizer.vocab_size}, {tokenizer.path})")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-
-
-def state_shardings(specs, tx, mesh, rules):
-    """(abstract state, shardings) from a ParamSpec tree; optimizer moments follow their parameters."""
-    abstract = jax.eval_shape(lambda: init_train_state(init_from_specs(specs, jax.random.key(0)), tx))
-    param_sh = sharding.tree_shardings(mesh, rules, logical_axes(specs), abstract["params"])
-    # A frozen parameter (optim.trainable='new_rows': optax.multi_transform) has no moments, only a MaskedNode.
-    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-    opt_sh = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, abstract["opt_state"], param_sh,
-                                   transform_non_params=lambda _: sharding.replicated(mesh), is_leaf=masked)
-    return abstract, {"step": sharding.replicated(mesh), "params": param_sh, "opt_state": opt_sh}
 
 
 def batch_shardings(mesh, rules, local_batch: dict, process_count: int) -> dict:
@@ -78,15 +54,6 @@ def _peek(batches) -> dict:
     return batch
 
 
-def _prepare_workdir(cfg: Config, tokenizer: Tokenizer) -> None:
-    workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / RUN_CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
-        if Path(tokenizer.path).resolve() != (workdir / TOKENIZER_FILE).resolve():
-            shutil.copyfile(tokenizer.path, workdir / TOKENIZER_FILE)
-
-
 def evaluate(params, frozen, eval_fn, batches, shardings, max_batches: int) -> dict:
     """Adds up the eval step's sums over up to max_batches batches (0 = all)."""
     totals = None
@@ -99,100 +66,66 @@ def evaluate(params, frozen, eval_fn, batches, shardings, max_batches: int) -> d
     return {k: float(v) for k, v in jax.device_get(totals).items()} if totals else {}
 
 
-# Fields of the run's model config that say how to compute, not what the weights are: these stay the run's
-# own when the architecture comes from `init_from`.
-_RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "attention_impl", "remat", "scan_layers")
+def restore_state(ckpt: RunCheckpointer, step: int, abstract, state_sh, batches) -> dict:
+    """The train state of checkpoint `step`, restored straight into its shardings; the data iterator continues
+    where that step left it (re-split by the pipeline when the process count changed)."""
+    abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    resplit = functools.partial(resplit_data_state, template=batches.get_state(), process_count=jax.process_count())
+    state, data_state = ckpt.restore(step, abstract_sh, resplit_data=resplit)
+    if data_state is not None:
+        batches.set_state(data_state)
+    logging.info("resumed from %s at step %d", ckpt.directory, step)
+    return state
 
 
-def _architecture_from_init(cfg: Config) -> tuple[Config, str | None]:
-    """With init_from, the architecture is the checkpoint's (its shapes must load); returns the config and
-    the checkpoint's tokenizer, if it carries one."""
-    if not cfg.init_from:
-        return cfg, None
-    info = resolve(cfg.init_from)
-    runtime = {f: getattr(cfg.model, f) for f in _RUNTIME_FIELDS}
-    model = dataclasses.replace(info["model_cfg"], **runtime,
-                                max_seq_len=max(info["model_cfg"].max_seq_len, cfg.data.seq_len))
-    return dataclasses.replace(cfg, model=model), info["tokenizer"]
-
-
-def _tokenizer_for_run(cfg: Config, init_tokenizer: str | None = None) -> Tokenizer:
-    """The configured tokenizer; else the init checkpoint's; else the one a previous run of this workdir
-    trained; else train one on the training documents."""
-    if cfg.tokenizer:
-        return Tokenizer(cfg.tokenizer)
-    if init_tokenizer:
-        return Tokenizer(init_tokenizer)
-    saved = Path(cfg.workdir) / TOKENIZER_FILE
-    if not saved.exists() and jax.process_index() == 0:   # the others read it from the shared workdir
-        logging.info("no tokenizer given: training a %d-piece SentencePiece BPE on the training documents",
-                     cfg.tokenizer_vocab_size)
-        train_docs, _ = lm_documents(cfg)
-        train_tokenizer(train_docs, out_dir=cfg.workdir, vocab_size=cfg.tokenizer_vocab_size)
-    distributed.barrier("jaxllm_tokenizer")
-    return Tokenizer(str(saved))
+def create_state(objective: Objective, tx, state_sh, init_params: dict | None, seed: int) -> dict:
+    """A fresh train state, created already sharded: from init_from's parameters (which the objective may
+    extend, e.g. by a reward head) or from the objective's specs."""
+    key = jax.random.key(seed)
+    if init_params is not None:
+        make = lambda p, k: init_train_state(objective.extend_params(p, k), tx)  # noqa: E731
+        return jax.jit(make, out_shardings=state_sh)(init_params, key)
+    make = lambda k: init_train_state(init_from_specs(objective.specs, k), tx)  # noqa: E731
+    return jax.jit(make, out_shardings=state_sh)(key)
 
 
 def train(cfg: Config) -> dict:
     """Trains a model for cfg.objective as configured; returns the last logged metrics (plus final eval)."""
-    train_cfg = cfg.train
-    nproc, pid = jax.process_count(), jax.process_index()
-    if train_cfg.batch_size % nproc:
-        raise config_lib.ConfigError(f"train.batch_size ({train_cfg.batch_size}) must divide across {nproc} processes")
+    # 1) The resolved config, tokenizer and mesh; the objective's data, loss and steps.
+    setup = setup_run(cfg)
+    cfg, mesh, rules = setup.cfg, setup.mesh, setup.cfg.mesh.rules
+    nproc = jax.process_count()
+    objective = build_objective(cfg, setup.tokenizer, batch_size=cfg.train.batch_size // nproc,
+                                process_index=jax.process_index(), process_count=nproc)
 
-    # 1) Tokenizer, model config, the objective's data and loss.
-    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    cfg, init_tokenizer = _architecture_from_init(cfg)
-    tokenizer = _tokenizer_for_run(cfg, init_tokenizer)
-    cfg = fit_run_to_tokenizer(cfg, tokenizer.vocab_size, init_tokenizer)   # init_from + a larger tokenizer
-    cfg = resolve_model_vocab(dataclasses.replace(cfg, tokenizer=str(Path(tokenizer.path).absolute())), tokenizer)
-    _prepare_workdir(cfg, tokenizer)
-    objective = objectives.build(cfg, tokenizer, batch_size=train_cfg.batch_size // nproc, process_index=pid,
-                                 process_count=nproc)
-
-    # 2) Mesh, optimizer, shardings, jitted steps.
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = cfg.mesh.rules
-    tx = make_optimizer(cfg.optim, train_cfg.steps)
+    # 2) Optimizer, shardings, the objective's jitted steps.
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
     abstract, state_sh = state_shardings(objective.specs, tx, mesh, rules)
     batch_sh = batch_shardings(mesh, rules, _peek(objective.train_batches), nproc)
-    frozen = objective.frozen
-    step_fn = jax.jit(functools.partial(train_step, loss_fn=objective.loss_fn, tx=tx,
-                                        accum_steps=cfg.optim.grad_accum_steps),
+    step_fn = jax.jit(functools.partial(objective.train_step, tx=tx, accum_steps=cfg.optim.grad_accum_steps,
+                                        **objective.loss_settings),
                       in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, loss_fn=objective.loss_fn),
+    eval_fn = jax.jit(functools.partial(objective.eval_step, **objective.loss_settings),
                       in_shardings=(state_sh["params"], batch_sh, None))
 
     # 3) State: restore the newest checkpoint, or create it already sharded.
-    ckpt = RunCheckpointer(cfg.workdir, keep=train_cfg.keep_checkpoints, async_save=train_cfg.async_checkpointing)
+    ckpt = RunCheckpointer(cfg.workdir, keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpointing)
     start = ckpt.latest_step()
     with sharding.use_rules(mesh, rules):
         if start is not None:
-            abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-            state, data_state = ckpt.restore(start, abstract_sh, data_template=objective.train_batches.get_state())
-            if data_state is not None:
-                objective.train_batches.set_state(data_state)
-            logging.info("resumed from %s at step %d", ckpt.directory, start)
+            state = restore_state(ckpt, start, abstract, state_sh, objective.train_batches)
         else:
             start = 0
-            key = jax.random.key(train_cfg.seed)
-            if cfg.init_from:
-                params = resize_init_params(cfg, tokenizer, init_tokenizer)   # grown to cfg.model's vocab
-                make = lambda p, k: init_train_state(objective.extend_params(p, k), tx)  # noqa: E731
-                state = jax.jit(make, out_shardings=state_sh)(params, key)
-            else:
-                make = lambda k: init_train_state(init_from_specs(objective.specs, k), tx)  # noqa: E731
-                state = jax.jit(make, out_shardings=state_sh)(key)
-        run = _Run(cfg, objective, step_fn, eval_fn, batch_sh, frozen, ckpt)
-        return run.loop(state, start)
+            state = create_state(objective, tx, state_sh, load_init_params(setup), cfg.train.seed)
+        return TrainLoop(cfg, objective, step_fn, eval_fn, batch_sh, ckpt).run(state, start)
 
 
-class _Run:
+class TrainLoop:
     """The loop of one run: steps, logging, evaluation, checkpoints. Objective-agnostic."""
 
-    def __init__(self, cfg: Config, objective, step_fn, eval_fn, batch_sh, frozen, ckpt: RunCheckpointer):
+    def __init__(self, cfg: Config, objective: Objective, step_fn, eval_fn, batch_sh, ckpt: RunCheckpointer):
         self.cfg, self.objective, self.step_fn, self.eval_fn = cfg, objective, step_fn, eval_fn
-        self.batch_sh, self.frozen, self.ckpt = batch_sh, frozen, ckpt
+        self.batch_sh, self.frozen, self.ckpt = batch_sh, objective.frozen, ckpt
         self.writer = MetricWriter(cfg.workdir, enabled=jax.process_index() == 0)
         self.pending: list[tuple[int, dict]] = []   # metrics still on device: fetched at log/save time only
 
@@ -217,7 +150,7 @@ class _Run:
             self.writer.write(step, out)
         return out
 
-    def loop(self, state, start: int) -> dict:
+    def run(self, state, start: int) -> dict:
         cfg, train_cfg, batches = self.cfg, self.cfg.train, self.objective.train_batches
         progress = Progress(train_cfg.steps, start)
         schedule = lr_schedule(cfg.optim, train_cfg.steps)

@@ -189,7 +189,7 @@ def test_initialize_reads_explicit_settings_slurm_and_tpu_from_the_environment()
 
 def test_data_state_of_two_processes_resplits_into_one_exactly(english_corpus, tokenizer_path):
     """The lanes of two processes' iterators, re-split into one, continue with exactly the next global batch."""
-    from jaxllm.checkpoint import CheckpointMismatchError, reshard_data_state
+    from jaxllm.data.mixture import DataStateMismatchError, resplit_data_state
     from jaxllm.data import lm_pipeline
     from jaxllm.tokenizer import Tokenizer
     docs = english_corpus.read_text().splitlines()[:300]
@@ -204,15 +204,15 @@ def test_data_state_of_two_processes_resplits_into_one_exactly(english_corpus, t
             next(it)
     saved = {i: json.loads(json.dumps(it.get_state())) for i, it in enumerate(halves)}
     whole = pipe(8, 0, 1)
-    whole.set_state(reshard_data_state(saved, whole.get_state(), process_count=1))
+    whole.set_state(resplit_data_state(saved, whole.get_state(), process_count=1))
     expected = [next(it) for it in halves]
     got = next(whole)
     for key in got:
         np.testing.assert_array_equal(got[key], np.concatenate([e[key] for e in expected]), err_msg=key)
-    with pytest.raises(CheckpointMismatchError, match="global batch size"):
-        reshard_data_state(saved, pipe(16, 0, 1).get_state(), process_count=1)
-    with pytest.raises(CheckpointMismatchError, match="cannot re-split"):
-        reshard_data_state({0: {"parent": {}}, 1: {"parent": {}}}, {"parent": {}}, process_count=1)
+    with pytest.raises(DataStateMismatchError, match="global batch size"):
+        resplit_data_state(saved, pipe(16, 0, 1).get_state(), process_count=1)
+    with pytest.raises(DataStateMismatchError, match="cannot re-split"):
+        resplit_data_state({0: {"parent": {}}, 1: {"parent": {}}}, {"parent": {}}, process_count=1)
 
 
 def test_each_process_data_state_is_saved_and_older_single_state_checkpoints_still_restore(tmp_path):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from jaxllm.config import ModelConfig, OptimConfig
-from jaxllm.losses import token_cross_entropy
+from jaxllm.objectives.lm import token_cross_entropy
 from jaxllm.model.spec import init_params
 from jaxllm.optim import lr_schedule, make_optimizer, weight_decay_mask
 from jaxllm.steps import init_train_state, train_step

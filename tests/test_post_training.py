@@ -1,6 +1,7 @@
 """SFT, reward model and DPO: masks, losses against hand-computed values, and short real trainings."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -14,7 +15,8 @@ from jaxllm.checkpoint import save_params
 from jaxllm.config import Config, DataConfig, DPOConfig, ModelConfig, OptimConfig, RewardConfig, TrainConfig
 from jaxllm.data.chat_pipeline import encode_sft, sample_rows
 from jaxllm.data.formats import RecordError, load_pairs, load_sft
-from jaxllm.losses import bradley_terry, dpo
+from jaxllm.objectives.dpo import dpo
+from jaxllm.objectives.reward import bradley_terry
 from jaxllm.metrics import read_metrics
 from jaxllm.model.spec import init_params
 from jaxllm.tokenizer import Tokenizer, train_tokenizer
@@ -123,6 +125,84 @@ def test_dpo_losses_hand_computed():
     assert float(same["loss"]) == pytest.approx(math.log(2), rel=1e-6)
 
 
+def test_reward_train_step_moves_the_head_by_the_hand_computed_bradley_terry_gradient():
+    """One SGD step of objectives.reward.train_step: the head's update is minus the mean (over real pairs;
+    the weight-0 padding pair adds nothing) of the Bradley-Terry gradient, written out by hand from the
+    decoder's hidden states at each sequence's last real token."""
+    import optax
+
+    from jaxllm.model.heads import reward_model_specs
+    from jaxllm.model.spec import init_from_specs
+    from jaxllm.model.transformer import hidden_states
+    from jaxllm.objectives import reward
+    from jaxllm.steps import init_train_state
+    cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32,
+                      max_seq_len=8)
+    params = init_from_specs(reward_model_specs(cfg), jax.random.key(0))
+    params["reward_head"]["kernel"] = jax.random.normal(jax.random.key(1), (16,))   # rewards far from zero
+    lengths = np.array([[5, 3], [8, 6], [4, 4]])                                     # (pairs, 2) real tokens
+    segment_ids = (np.arange(8) < lengths[..., None]).astype(np.int32)               # (pairs, 2, length)
+    batch = {"tokens": np.asarray(jax.random.randint(jax.random.key(2), (3, 2, 8), 1, 32)) * segment_ids,
+             "segment_ids": segment_ids, "positions": np.arange(8) * segment_ids,
+             "margin": np.array([0.5, 0.0, 1.0], np.float32), "weight": np.array([1.0, 1.0, 0.0], np.float32)}
+    center = 0.05
+    state, metrics = reward.train_step(init_train_state(params, optax.sgd(1.0)), batch, {}, tx=optax.sgd(1.0),
+                                       model_cfg=cfg, center=center, use_margin=True)
+
+    h = np.asarray(hidden_states(params, batch["tokens"].reshape(6, 8), cfg, batch["segment_ids"].reshape(6, 8),
+                                 batch["positions"].reshape(6, 8)), np.float64)     # (2·pairs, length, embed)
+    h_last = h[np.arange(6), lengths.reshape(6) - 1].reshape(3, 2, 16)               # (pairs, 2, embed)
+    w, b = np.asarray(params["reward_head"]["kernel"], np.float64), float(params["reward_head"]["bias"])
+    r = h_last @ w + b                                                                # (pairs, 2)
+    gap, total = r[:, 0] - r[:, 1], r[:, 0] + r[:, 1]
+    pull = 1 / (1 + np.exp(gap - batch["margin"]))                                  # σ(−(gap − m))
+    # d/dw of −log σ(gap − m) + c·(r_c + r_r)²  =  −pull·(h_c − h_r) + 2c·(r_c + r_r)·(h_c + h_r)
+    per_pair_w = -pull[:, None] * (h_last[:, 0] - h_last[:, 1]) + 2 * center * total[:, None] * h_last.sum(1)
+    per_pair_b = 2 * center * total * 2
+    weight = batch["weight"]
+    grad_w = (weight[:, None] * per_pair_w).sum(0) / weight.sum()
+    grad_b = (weight * per_pair_b).sum() / weight.sum()
+    np.testing.assert_allclose(state["params"]["reward_head"]["kernel"], w - grad_w, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(state["params"]["reward_head"]["bias"], b - grad_b, rtol=1e-4, atol=1e-6)
+    loss = (weight * (np.log1p(np.exp(-(gap - batch["margin"]))) + center * total ** 2)).sum() / weight.sum()
+    assert float(metrics["loss"]) == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lm", "sft", "reward", "dpo"])
+def test_each_objective_module_brings_its_own_train_step_built_on_the_shared_one(name):
+    from jaxllm import steps
+    from jaxllm.objectives import objective_module
+    module = objective_module(name)
+    loss = {"lm": "lm_loss", "sft": "lm_loss", "reward": "reward_loss", "dpo": "dpo_loss"}[name]
+    assert module.train_step.func is steps.train_step and module.eval_step.func is steps.eval_step
+    assert module.train_step.keywords["loss_fn"].__name__ == loss == module.eval_step.keywords["loss_fn"].__name__
+
+
+def test_the_trainer_runs_the_reward_modules_train_step(tmp_path, review_pairs, base_checkpoint):
+    """The first logged loss of a reward run equals objectives.reward.train_step applied by hand to the same
+    first batch and the same initial state (init_from's decoder + a fresh head)."""
+    from jaxllm.objectives import build_objective, reward
+    from jaxllm.optim import make_optimizer
+    from jaxllm.run_setup import load_init_params, setup_run
+    from jaxllm.steps import init_train_state
+    pairs_file, _ = review_pairs
+    cfg = run_cfg(tmp_path / "run", "reward", base_checkpoint, pairs_file, data=dict(template="chat"),
+                  reward=RewardConfig(center=0.01), train=dict(steps=1, log_every=1, eval_every=0))
+    train(cfg)
+    logged = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))[0]
+
+    setup = setup_run(dataclasses.replace(cfg, workdir=str(tmp_path / "by_hand")))
+    objective = build_objective(setup.cfg, setup.tokenizer, batch_size=16, process_index=0, process_count=1)
+    assert objective.train_step is reward.train_step
+    params = objective.extend_params(load_init_params(setup), jax.random.key(cfg.train.seed))
+    tx = make_optimizer(setup.cfg.optim, setup.cfg.train.steps)
+    _, metrics = reward.train_step(init_train_state(params, tx), next(objective.train_batches), {}, tx=tx,
+                                   **objective.loss_settings)
+    assert logged["step"] == 1
+    assert logged["train/loss"] == pytest.approx(float(metrics["loss"]), rel=1e-5)
+    assert logged["grad_norm"] == pytest.approx(float(metrics["grad_norm"]), rel=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 def test_every_shared_sft_and_preference_file_loads(shared_data):
@@ -173,7 +253,7 @@ def test_reward_model_beats_chance_and_draws_the_gap_plots(tmp_path, review_pair
         assert (tmp_path / "plots" / name).stat().st_size > 0
     # jaxllm.score on new texts with the trained model: a positive review outscores a negative one.
     from jaxllm.checkpoint import load_params
-    from jaxllm.objectives import score
+    from jaxllm.objectives.reward import score
     params, model_cfg, tok_path = load_params(str(tmp_path))
     assert "reward_head" in params
     scores = score(params, model_cfg, Tokenizer(tok_path), ["下面是一条正面的评论："] * 2,

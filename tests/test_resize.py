@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxllm.config import ModelConfig
-from jaxllm.losses import token_cross_entropy
+from jaxllm.objectives.lm import token_cross_entropy
 from jaxllm.model.resize import resize_vocab, resized_config
 from jaxllm.model.spec import init_params
 from jaxllm.model.transformer import PADDED_LOGIT

@@ -6,17 +6,23 @@ pipelines, seeded and checkpointable like the pretraining one.
 
 SFT rows pack whole samples greedily (a sample is never split across rows; attention never crosses samples
 through segment ids; positions restart per sample). Loss falls on assistant tokens only.
-Preference batches hold (chosen, rejected) pairs side by side: arrays of shape (batch, 2, seq_len).
+Preference batches hold (chosen, rejected) pairs side by side: arrays of shape (batch, 2, seq_len), plus any
+per-pair arrays an objective attached to the encoded pairs (`pair["arrays"]`; DPO's cached reference
+log-probabilities), which the pipeline carries without knowing what they are.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Sequence
 
 import grain
 import numpy as np
 
+from jaxllm.config import Config, ConfigError
+from jaxllm.data.formats import load_pairs
+from jaxllm.data.sources import split_heldout
 from jaxllm.data.templates import Segment, encode_segments, get_template, render
 
 
@@ -155,23 +161,36 @@ def sft_pipeline(samples: Sequence[Encoded], *, seq_len: int, batch_size: int, s
 # ---------------------------------------------------------------------------------------------------------
 # Preference pairs.
 
+def encode_response(prompt_ids: list[int], response: str, tokenizer, *, suffix: str, seq_len: int,
+                    overlong: str) -> dict | None:
+    """A rendered prompt's ids + one response (its tokens carry the mask) -> {"ids", "train_mask"}, or None
+    when it does not fit even with the prompt cut (overlong="truncate_prompt") or at all ("skip")."""
+    resp, resp_mask = encode_segments([Segment(response + suffix, True, eos_after=True)], tokenizer, add_bos=False)
+    fitted = _fit(prompt_ids + resp, [0] * len(prompt_ids) + resp_mask, seq_len, overlong)
+    return None if fitted is None else {"ids": fitted[0], "train_mask": fitted[1]}
+
+
+def encode_prompt(prompt: list[dict], tokenizer, template) -> list[int]:
+    """The ids of a conversation rendered up to the assistant's turn (the generation prompt)."""
+    return encode_segments(render(prompt, template, add_generation_prompt=True), tokenizer)[0]
+
+
+def assistant_suffix(template) -> str:
+    """What the template appends to an assistant's answer (a template name or a Template)."""
+    return get_template(template).assistant_suffix if isinstance(template, str) else template.assistant_suffix
+
+
 def encode_pairs(pairs: Sequence[dict], tokenizer, *, template: str, seq_len: int,
                  overlong: str = "truncate_prompt") -> list[dict]:
-    """Each pair -> {"chosen": Encoded, "rejected": Encoded, "margin"}; the prompt is shared, the
+    """Each pair -> {"chosen": {ids, train_mask}, "rejected": {...}, "margin"}; the prompt is shared, the
     responses carry the mask. Over-long pairs lose prompt tokens from the left, or are skipped (counted)."""
     out, skipped = [], 0
-    suffix = get_template(template).assistant_suffix if isinstance(template, str) else template.assistant_suffix
+    suffix = assistant_suffix(template)
     for pair in pairs:
-        prompt_ids, _ = encode_segments(render(pair["prompt"], template, add_generation_prompt=True), tokenizer)
-        encoded = {}
-        for side in ("chosen", "rejected"):
-            resp, resp_mask = encode_segments([Segment(pair[side] + suffix, True, eos_after=True)], tokenizer,
-                                              add_bos=False)
-            fitted = _fit(prompt_ids + resp, [0] * len(prompt_ids) + resp_mask, seq_len, overlong)
-            if fitted is None:
-                break
-            encoded[side] = {"ids": fitted[0], "train_mask": fitted[1]}
-        if len(encoded) < 2:
+        prompt_ids = encode_prompt(pair["prompt"], tokenizer, template)
+        encoded = {side: encode_response(prompt_ids, pair[side], tokenizer, suffix=suffix, seq_len=seq_len,
+                                         overlong=overlong) for side in ("chosen", "rejected")}
+        if None in encoded.values():
             skipped += 1
             continue
         out.append({**encoded, "margin": float(pair.get("margin", 0.0))})
@@ -183,14 +202,20 @@ def encode_pairs(pairs: Sequence[dict], tokenizer, *, template: str, seq_len: in
 
 
 def pair_arrays(pair: dict, seq_len: int) -> dict:
-    """One pair -> arrays of shape (2, seq_len) (chosen first) plus its margin."""
+    """One pair -> arrays of shape (2, seq_len) (chosen first), its margin, and its extra per-pair arrays
+    (`pair["arrays"]`: name -> values, float32; an objective names them, e.g. DPO's cached reference)."""
     rows = [_row([pair[side]], seq_len) for side in ("chosen", "rejected")]
     out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     out["margin"] = np.float32(pair["margin"])
-    for key in ("ref_logp",):                 # cached reference log-probabilities (DPO), when present
-        if key in pair:
-            out[key] = np.asarray(pair[key], np.float32)
+    for key, value in pair.get("arrays", {}).items():
+        out[key] = np.asarray(value, np.float32)
     return out
+
+
+def pair_batch(pairs: Sequence[dict], seq_len: int) -> dict:
+    """Encoded pairs -> one batch of `pair_arrays`, each (len(pairs), ...)."""
+    arrays = [pair_arrays(p, seq_len) for p in pairs]
+    return {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
 
 
 def preference_pipeline(pairs: Sequence[dict], *, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
@@ -207,3 +232,33 @@ def preference_pipeline(pairs: Sequence[dict], *, seq_len: int, batch_size: int,
             blank = {k: np.zeros_like(v) for k, v in ds[0].items()}
             ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([blank] * pad)])
     return ds.to_iter_dataset().batch(batch_size, drop_remainder=repeat).__iter__()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A post-training run's records: data.train, and data.eval or a held-out share of data.train.
+
+def train_and_eval_records(cfg: Config, load) -> tuple[list, list]:
+    """(training, held-out) records read by `load(paths)`."""
+    if not cfg.data.train:
+        raise ConfigError(f"objective {cfg.objective!r} needs record files: --config.data.train=<file>[,...]")
+    records = load(cfg.data.train)
+    if cfg.data.eval:
+        return records, load(cfg.data.eval)
+    return split_heldout(records, cfg.data.eval_fraction, cfg.train.seed)
+
+
+def encoded_pairs_of_run(cfg: Config, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) preference pairs of a run, encoded."""
+    train, held = train_and_eval_records(cfg, functools.partial(load_pairs, on_error=cfg.data.on_error))
+    encode = functools.partial(encode_pairs, tokenizer=tokenizer, template=cfg.data.template,
+                               seq_len=cfg.data.seq_len, overlong=cfg.data.overlong)
+    return encode(train), encode(held)
+
+
+def preference_pipelines(cfg: Config, train_pairs, eval_pairs, *, batch_size: int, process_index: int,
+                         process_count: int):
+    """(training batches, a function giving a fresh pass over the held-out batches)."""
+    pipeline = functools.partial(preference_pipeline, seq_len=cfg.data.seq_len, batch_size=batch_size,
+                                 process_index=process_index, process_count=process_count)
+    return (pipeline(train_pairs, seed=cfg.train.seed),
+            lambda: pipeline(eval_pairs, seed=0, shuffle=False, repeat=False))

@@ -25,11 +25,13 @@ does not make up for the past.
 Exhaustion per source: "repeat" starts a new, reshuffled epoch (epochs are counted); "stop" reads the
 source once, after which the remaining sources share its weight; when every weighted source has stopped,
 the stream ends. The state of every lane (positions, token counts, packing leftovers) is the iterator's
-JSON state, so a restart continues mid-epoch with exactly the next row.
+JSON state, so a restart continues mid-epoch with exactly the next row; `resplit_data_state` hands the saved
+lanes to a different number of processes.
 """
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import os
 import re
@@ -275,17 +277,16 @@ class LanesIterDataset(grain.IterDataset):
         return f"LanesIterDataset(lanes={self._lane_ids} of {self._total}, mix={self._mixture.mix})"
 
 
-def _find_lane_states(state, found: dict) -> dict:
+def _lane_states(state) -> list[dict]:
+    """The states of lane iterators (`_LanesIterator.get_state`) inside an iterator state, in order: Grain's
+    wrappers (batching, worker prefetch) nest them."""
     if isinstance(state, dict):
         if "jaxllm_lanes" in state:
-            found[tuple(state["jaxllm_lanes"])] = state["stats"]
-            return found
-        for v in state.values():
-            _find_lane_states(v, found)
-    elif isinstance(state, (list, tuple)):
-        for v in state:
-            _find_lane_states(v, found)
-    return found
+            return [state]
+        return [block for v in state.values() for block in _lane_states(v)]
+    if isinstance(state, (list, tuple)):
+        return [block for v in state for block in _lane_states(v)]
+    return []
 
 
 def mixture_stats(mixture: Mixture, state: dict, total_lanes: int) -> dict[str, float]:
@@ -296,7 +297,7 @@ def mixture_stats(mixture: Mixture, state: dict, total_lanes: int) -> dict[str, 
     total_lanes / its lanes (all lanes advance at the same row rate, so this is within a document or a row
     per lane of the global figure).
     """
-    found = _find_lane_states(state, {})
+    found = {tuple(block["jaxllm_lanes"]): block["stats"] for block in _lane_states(state)}
     local = sum(len(k) for k in found)
     if not local:
         return {}
@@ -307,6 +308,44 @@ def mixture_stats(mixture: Mixture, state: dict, total_lanes: int) -> dict[str, 
         out[f"data/{c.name}/tokens"] = sum(s["tokens"][i] for s in found.values()) * scale
         out[f"data/{c.name}/epochs"] = docs * scale / max(len(c.records), 1)
         out[f"data/{c.name}/skipped"] = sum(s["skipped"][i] for s in found.values()) * scale
+    return out
+
+
+class DataStateMismatchError(ValueError):
+    """A saved data-iterator state cannot continue in this run's pipeline."""
+
+
+def resplit_data_state(saved: dict[int, dict], template: dict, process_count: int) -> dict:
+    """This process's data state from the states saved by a different number of processes.
+
+    Sound for lane pipelines: row b of every global batch comes from lane b whatever the process count, each
+    lane's state is self-contained, and checkpoints are taken between batches. So the lanes this process now
+    owns take the saved states of the same lanes, wherever they were. `template` is this process's fresh
+    iterator state (its lane ids and the wrapping of e.g. Grain workers)."""
+    lanes = {}
+    for index, state in sorted(saved.items()):
+        for block in _lane_states(state):
+            if int(block["next"]) != 0:
+                raise DataStateMismatchError(f"the data state of process {index} was saved in the middle of a "
+                                             f"batch; it cannot be re-split across processes")
+            lanes.update(zip(map(int, block["jaxllm_lanes"]), block["lanes"]))
+    blocks = _lane_states(template)
+    if not lanes or not blocks:
+        raise DataStateMismatchError(
+            f"the checkpoint's data state was written by {len(saved)} process(es) and this run has "
+            f"{process_count}; this objective's data pipeline cannot re-split its position across a different "
+            f"number of processes (only the lane pipeline of `lm` can). Resume with {len(saved)} process(es), "
+            f"or start the data order afresh from init_from")
+    mine = sum(len(b["jaxllm_lanes"]) for b in blocks)
+    if mine * process_count != len(lanes) or set(lanes) != set(range(len(lanes))):
+        raise DataStateMismatchError(
+            f"the checkpoint's data state has {len(lanes)} lanes (its global batch size) but this run has "
+            f"{mine * process_count} ({mine} per process x {process_count}): the data order depends on the "
+            f"global batch size, so keep train.batch_size as it was")
+    out = copy.deepcopy(template)
+    for block in _lane_states(out):
+        block["lanes"] = [lanes[int(i)] for i in block["jaxllm_lanes"]]
+        block["next"] = 0
     return out
 
 

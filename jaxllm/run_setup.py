@@ -1,0 +1,144 @@
+"""Everything a run settles before its first step: the resolved config, the tokenizer, the initial parameters
+of init_from, the mesh and the workdir.
+
+    config ──architecture of init_from──▶ tokenizer (given, init_from's, the workdir's, or trained)
+      ──vocabulary fitted to the tokenizer (resized when init_from's is smaller)──▶ resolved config
+      ──▶ workdir/config.json + tokenizer.model, mesh
+
+The resolved config is what workdir/config.json holds, so a resumed run restores the same shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+
+from jaxllm import config as config_lib
+from jaxllm import distributed, sharding
+from jaxllm.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE, describe_checkpoint, load_params
+from jaxllm.config import Config, ConfigError
+from jaxllm.model.resize import check_tokenizer_size, resize_vocab, resized_config, token_rows
+from jaxllm.objectives.lm import lm_documents
+from jaxllm.tokenizer import Tokenizer, train_tokenizer
+
+# Fields of the run's model config that say how to compute, not what the weights are: these stay the run's
+# own when the architecture comes from `init_from`.
+RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "attention_impl", "remat", "scan_layers")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    cfg: Config                   # resolved: init_from's architecture, the vocabulary fitted to the tokenizer
+    tokenizer: Tokenizer
+    init_tokenizer: str | None    # the tokenizer that init_from carries (subword_mean resizing reads it)
+    mesh: jax.sharding.Mesh
+
+
+def architecture_from_init(cfg: Config) -> tuple[Config, str | None]:
+    """With init_from, the architecture is the checkpoint's (its shapes must load); returns the config and
+    the checkpoint's tokenizer, if it carries one."""
+    if not cfg.init_from:
+        return cfg, None
+    info = describe_checkpoint(cfg.init_from)
+    runtime = {f: getattr(cfg.model, f) for f in RUNTIME_FIELDS}
+    model = dataclasses.replace(info["model_cfg"], **runtime,
+                                max_seq_len=max(info["model_cfg"].max_seq_len, cfg.data.seq_len))
+    return dataclasses.replace(cfg, model=model), info["tokenizer"]
+
+
+def tokenizer_for_run(cfg: Config, init_tokenizer: str | None = None) -> Tokenizer:
+    """The configured tokenizer; else the init checkpoint's; else the one a previous run of this workdir
+    trained; else train one on the training documents."""
+    if cfg.tokenizer:
+        return Tokenizer(cfg.tokenizer)
+    if init_tokenizer:
+        return Tokenizer(init_tokenizer)
+    saved = Path(cfg.workdir) / TOKENIZER_FILE
+    if not saved.exists() and jax.process_index() == 0:   # the others read it from the shared workdir
+        logging.info("no tokenizer given: training a %d-piece SentencePiece BPE on the training documents",
+                     cfg.tokenizer_vocab_size)
+        train_docs, _ = lm_documents(cfg)
+        train_tokenizer(train_docs, out_dir=cfg.workdir, vocab_size=cfg.tokenizer_vocab_size)
+    distributed.barrier("jaxllm_tokenizer")
+    return Tokenizer(str(saved))
+
+
+def fit_run_to_tokenizer(cfg: Config, tokenizer_size: int, init_tokenizer: str | None) -> Config:
+    """Run config (model = the init_from checkpoint's) -> the config the run trains.
+
+    A tokenizer larger than the checkpoint's vocabulary resizes the model config here, before any state exists,
+    so workdir/config.json holds the resized model and a resumed run restores the same shapes;
+    `load_init_params` then grows the loaded weights to match. With optim.trainable='new_rows' the first
+    trainable row defaults to the checkpoint's vocabulary size."""
+    rows = token_rows(cfg.model)
+    optim = cfg.optim
+    if cfg.init_from and tokenizer_size > rows:
+        if cfg.resize_method == "none":
+            check_tokenizer_size(tokenizer_size, cfg.model, cfg.init_from)        # raises, naming both sizes
+        if cfg.resize_method == "subword_mean" and not init_tokenizer:
+            raise ConfigError(f"resize_method='subword_mean' needs the tokenizer.model of init_from "
+                              f"({cfg.init_from}), which has none; use 'mean' or 'mean_noise'")
+        model = resized_config(cfg.model, tokenizer_size, cfg.resize_pad_to_multiple)
+        logging.info("vocabulary %d -> %d tokens (%d rows with padding), new rows by %r", rows, tokenizer_size,
+                     model.vocab_size, cfg.resize_method)
+        if optim.trainable == "new_rows" and not optim.new_rows_from:
+            optim = dataclasses.replace(optim, new_rows_from=rows)
+        cfg = dataclasses.replace(cfg, model=model, optim=optim)
+    elif cfg.init_from and tokenizer_size < rows:
+        logging.warning("the tokenizer has %d pieces, fewer than the %d vocabulary rows of %s: the rows it never "
+                        "produces stay untrained", tokenizer_size, rows, cfg.init_from)
+    if optim.trainable == "new_rows" and not optim.new_rows_from:
+        raise ConfigError("optim.trainable='new_rows' needs new rows: init_from a checkpoint whose vocabulary is "
+                          "smaller than the tokenizer's (with resize_method set), or set optim.new_rows_from")
+    return cfg
+
+
+def resolve_model_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
+    """model.vocab_size = 0 takes the tokenizer's size; a model smaller than its tokenizer is an error."""
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}, {tokenizer.path})")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def prepare_workdir(cfg: Config, tokenizer: Tokenizer) -> None:
+    """The resolved config and the tokenizer, written once (process 0) into the workdir."""
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / RUN_CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
+        if Path(tokenizer.path).resolve() != (workdir / TOKENIZER_FILE).resolve():
+            shutil.copyfile(tokenizer.path, workdir / TOKENIZER_FILE)
+
+
+def setup_run(cfg: Config) -> RunSetup:
+    """The resolved config, tokenizer and mesh of a run; writes its workdir's config.json and tokenizer."""
+    nproc = jax.process_count()
+    if cfg.train.batch_size % nproc:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must divide across {nproc} processes")
+    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+    cfg, init_tokenizer = architecture_from_init(cfg)
+    tokenizer = tokenizer_for_run(cfg, init_tokenizer)
+    cfg = fit_run_to_tokenizer(cfg, tokenizer.vocab_size, init_tokenizer)   # init_from + a larger tokenizer
+    cfg = resolve_model_vocab(dataclasses.replace(cfg, tokenizer=str(Path(tokenizer.path).absolute())), tokenizer)
+    prepare_workdir(cfg, tokenizer)
+    return RunSetup(cfg, tokenizer, init_tokenizer, sharding.make_mesh(cfg.mesh))
+
+
+def load_init_params(setup: RunSetup) -> dict | None:
+    """init_from's parameters, grown by `resize_vocab` when the run's tokenizer is larger than the checkpoint;
+    None without init_from (the trainer initialises from the objective's specs)."""
+    cfg, tokenizer = setup.cfg, setup.tokenizer
+    if not cfg.init_from:
+        return None
+    params, init_model, _ = load_params(cfg.init_from)
+    if token_rows(init_model) < tokenizer.vocab_size:
+        params, _ = resize_vocab(params, init_model, tokenizer.vocab_size, cfg.resize_method,
+                                 key=jax.random.key(cfg.train.seed), base_tokenizer=setup.init_tokenizer,
+                                 new_tokenizer=tokenizer, pad_to_multiple=cfg.resize_pad_to_multiple)
+    return params
