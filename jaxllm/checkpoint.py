@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import json
 import logging
 import re
@@ -25,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from jaxllm import config as config_lib
 from jaxllm.config import ModelConfig
+from jaxllm.distributed import barrier
 from jaxllm.model.spec import abstract_params
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -34,6 +36,49 @@ TOKENIZER_FILE = "tokenizer.model"
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's arrays do not have the shapes the config expects."""
+
+
+class DamagedCheckpointError(ValueError):
+    """No checkpoint of a run reads back: each step's reason is in the message; nothing was moved."""
+
+
+DAMAGED_DIR = "checkpoints_damaged"   # <workdir>/checkpoints_damaged/<step>-<UTC time>: set aside, never deleted
+
+
+def checkpoint_steps(directory: Path) -> list[int]:
+    """The committed steps in a checkpoints/ directory, oldest first (Orbax writes a step under a temporary
+    name and renames it when complete, so a digit name is a committed step)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(s.name) for s in directory.iterdir() if s.name.isdigit() and s.is_dir())
+
+
+def missing_files(step_dir: Path) -> str | None:
+    """What a committed step lacks that a restore would need, in words; None when every expected file is there.
+    Catches hand-deleted or half-synced files before Orbax fails on them with a long TensorStore error."""
+    state = step_dir / "state"
+    if not state.is_dir():
+        return "state/ is missing"
+    if not (state / "_METADATA").exists():
+        return "state/_METADATA is missing"
+    if (any(state.glob("ocdbt.process_*")) or (state / "d").is_dir()) and not (state / "manifest.ocdbt").exists():
+        return "state/manifest.ocdbt is missing"
+    data = step_dir / DATA_ITEM
+    if data.is_dir():
+        found = data_state_files(data)
+        if not data_states_complete(found):
+            names = sorted(f.name for f in found.values())
+            return f"{DATA_ITEM}/ holds {names or 'no data state'}: the data iterator's state is incomplete"
+    return None
+
+
+def error_in_one_line(error: BaseException, limit: int = 300) -> str:
+    """The innermost cause of an exception chain, first line only (TensorStore's own errors run to pages)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _path_str(path) -> str:
@@ -65,6 +110,22 @@ def _process_file(index: int, count: int) -> str:
     return f"process_{index}-of-{count}.json"   # Grain's own naming for per-process iterator states
 
 
+def data_state_files(directory) -> dict[tuple[int, int], Path]:
+    """{(process index, process count): file} of the per-process data states in a step's DATA_ITEM folder."""
+    found = {}
+    for f in Path(directory).glob("process_*-of-*.json"):
+        m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", f.name)
+        if m:
+            found[(int(m.group(1)), int(m.group(2)))] = f
+    return found
+
+
+def data_states_complete(found: dict[tuple[int, int], Path]) -> bool:
+    """One state from every process of one process count."""
+    counts = {n for _, n in found}
+    return len(counts) == 1 and len(found) == next(iter(counts))
+
+
 class PerProcessJsonHandler(ocp.handlers.AsyncCheckpointHandler):
     """Every process writes its own JSON (its data iterator's state) into the item directory; Orbax commits the
     step only when all have. Restore gives this process's state when the process count is unchanged, and
@@ -84,16 +145,11 @@ class PerProcessJsonHandler(ocp.handlers.AsyncCheckpointHandler):
 
     def restore(self, directory, args: "PerProcessRestore | None" = None) -> dict:
         """{"process_count": n saved, "states": {process index: state}}."""
-        found = {}
-        for f in Path(directory).glob("process_*-of-*.json"):
-            m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", f.name)
-            if m:
-                found[(int(m.group(1)), int(m.group(2)))] = f
-        counts = {n for _, n in found}
-        if len(counts) != 1 or len(found) != next(iter(counts)):
-            raise CheckpointMismatchError(f"{directory}: expected one data state per process, found "
-                                          f"{sorted(f.name for f in found.values())}")
-        saved = counts.pop()
+        found = data_state_files(directory)
+        if not data_states_complete(found):
+            raise DamagedCheckpointError(f"{directory}: expected one data state per process, found "
+                                         f"{sorted(f.name for f in found.values())}")
+        saved = next(n for _, n in found)
         own = (jax.process_index(), jax.process_count())
         wanted = [own] if own in found else sorted(found)
         return {"process_count": saved, "states": {i: json.loads(found[(i, n)].read_text()) for i, n in wanted}}
@@ -135,6 +191,48 @@ class RunCheckpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def restore_newest(self, abstract_state, resplit_data=None) -> tuple[int, dict, dict | None] | None:
+        """(step, state, data state) of the newest checkpoint that reads back; None when there is none.
+
+        A step that lacks files, or fails to read while an older step of the same run reads, is damaged: it is
+        moved to <workdir>/checkpoints_damaged/ (one warning line) and the older one is used. When no step reads,
+        nothing is moved and DamagedCheckpointError names each step's reason: a fault shared by every step
+        (a config or code problem) must not look like damage. A shape mismatch with the config is raised as is."""
+        failed: list[tuple[int, str]] = []
+        for step in reversed(self.manager.all_steps()):
+            reason = missing_files(self.directory / str(step))
+            if reason is None:
+                try:
+                    state, data_state = self.restore(step, abstract_state, resplit_data)
+                except CheckpointMismatchError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - any read error; whether it is damage is decided below
+                    reason = error_in_one_line(e)
+                else:
+                    for bad, why in failed:
+                        self.move_aside(bad, why, resumed_from=step)
+                    return step, state, data_state
+            failed.append((step, reason))
+        if failed:
+            raise DamagedCheckpointError(
+                f"no checkpoint in {self.directory} reads back: " + "; ".join(f"step {s}: {why}" for s, why in failed)
+                + f". Move the damaged ones out of {self.directory} to start over")
+        return None
+
+    def move_aside(self, step: int, reason: str, resumed_from: int) -> Path:
+        """Moves a damaged step to <workdir>/checkpoints_damaged/<step>-<UTC time> (process 0; every process
+        then re-reads the step list)."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target = self.directory.parent / DAMAGED_DIR / f"{step}-{stamp}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        barrier("jaxllm_damaged_checkpoint")
+        self.manager.reload()
+        logging.warning("checkpoint %d is damaged (%s): moved to %s; resuming from step %d", step, reason, target,
+                        resumed_from)
+        return target
 
     def save(self, step: int, state, data_state: dict | None) -> None:
         items = {"state": ocp.args.StandardSave(state)}
@@ -214,15 +312,15 @@ def describe_checkpoint(path: str) -> dict:
         return {"kind": "params", "model_cfg": model_cfg, "params_dir": p / "params",
                 "tokenizer": str(tok) if tok.exists() else None}
     if (p / RUN_CONFIG_FILE).exists() and (p / "checkpoints").exists():
-        steps = sorted(int(s.name) for s in (p / "checkpoints").iterdir() if s.name.isdigit())
+        steps = checkpoint_steps(p / "checkpoints")
         if not steps:
             raise FileNotFoundError(f"{p / 'checkpoints'}: the run has no checkpoint yet")
         workdir, step_dir = p, p / "checkpoints" / str(steps[-1])
     elif (p / "state").exists() and p.name.isdigit() and (p.parent.parent / RUN_CONFIG_FILE).exists():
         workdir, step_dir = p.parent.parent, p
     elif (p / "config.json").exists() and any(p.glob("*.safetensors")):
-        from jaxllm.model.convert import hf_config_to_model_config
-        model_cfg = hf_config_to_model_config(json.loads((p / "config.json").read_text()), p / "config.json")
+        from jaxllm.model.convert import load_hf_config
+        model_cfg = load_hf_config(p)
         tok = p / TOKENIZER_FILE
         return {"kind": "hf", "model_cfg": model_cfg, "hf_dir": p, "tokenizer": str(tok) if tok.exists() else None}
     else:

@@ -17,15 +17,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sentencepiece as spm
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxllm.config import ModelConfig, model_config_from_dict
 from jaxllm.model.spec import is_spec, param_specs
 from jaxllm.tokenizer.hf_files import write_hf_tokenizer_files
+from jaxllm.tokenizer.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# config.json's `model_type` -> its architecture, for files written without `architectures` (older or hand-made).
+ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 # Our leaf path -> (HF tensor name, in_dims). HF Linear weights are (out, in); ours put the input axes
 # first. in_dims = how many leading axes of our per-layer shape make up HF's `in` dimension, so that
@@ -89,7 +91,7 @@ def hf_config_to_model_config(hf_config: dict, path: str | Path = "config.json")
     def unsupported(field, value, why):
         raise ValueError(f"{path}: {field} = {value!r} is not supported ({why})")
 
-    arch = (hf_config.get("architectures") or [None])[0]
+    arch = _architecture(hf_config, path)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{path}: architecture {arch!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -112,19 +114,45 @@ def hf_config_to_model_config(hf_config: dict, path: str | Path = "config.json")
         if kind != "default" or extra:
             unsupported(field, rope, "only plain RoPE, rope_type 'default', without scaling")
         theta = rope.get("rope_theta", theta)
-    heads = hf_config["num_attention_heads"]
-    cfg = dict(
-        vocab_size=hf_config["vocab_size"], d_model=hf_config["hidden_size"],
-        num_layers=hf_config["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=hf_config.get("num_key_value_heads") or heads,
-        head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
-        mlp_dim=hf_config["intermediate_size"], max_seq_len=hf_config.get("max_position_embeddings", 2048),
-        position="rope", rope_theta=float(theta), norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
     try:
+        heads = hf_config["num_attention_heads"]
+        cfg = dict(
+            vocab_size=hf_config["vocab_size"], d_model=hf_config["hidden_size"],
+            num_layers=hf_config["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=hf_config.get("num_key_value_heads") or heads,
+            head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+            mlp_dim=hf_config["intermediate_size"], max_seq_len=hf_config.get("max_position_embeddings", 2048),
+            position="rope", rope_theta=float(theta), norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
         return model_config_from_dict(cfg)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+    except KeyError as e:
+        raise ValueError(f"{path}: missing field {e.args[0]}") from None
+    except (TypeError, ValueError) as e:   # a field of the wrong type, or an architecture the config rejects
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _architecture(hf_config: dict, path) -> str:
+    """`architectures[0]`, else the architecture of `model_type` (config.json files may carry either)."""
+    architectures = hf_config.get("architectures")
+    if architectures:
+        return architectures[0]
+    model_type = hf_config.get("model_type")
+    if model_type not in ARCHITECTURE_OF_MODEL_TYPE:
+        raise ValueError(f"{path}: no `architectures`, and model_type {model_type!r} is not supported "
+                         f"(supported: {', '.join(ARCHITECTURE_OF_MODEL_TYPE)})")
+    return ARCHITECTURE_OF_MODEL_TYPE[model_type]
+
+
+def load_hf_config(hf_dir) -> ModelConfig:
+    """`hf_dir/config.json` -> ModelConfig; ValueError naming the file when it is unreadable JSON or unsupported."""
+    path = Path(hf_dir) / "config.json"
+    try:
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON config ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(hf_config).__name__}")
+    return hf_config_to_model_config(hf_config, path)
 
 
 def model_config_to_hf_config(cfg: ModelConfig) -> dict:
@@ -150,13 +178,29 @@ def _weight_map(hf_dir: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it (single file or sharded with an index)."""
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
-        return {name: hf_dir / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index with a `weight_map` ({e!r})") from None
+        return {name: hf_dir / f for name, f in weight_map.items()}
     single = hf_dir / "model.safetensors"
     if not single.exists():
         raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json "
                          f"(only safetensors checkpoints are read)")
-    with safe_open(single, framework="np") as f:
+    with open_safetensors(single, framework="np") as f:
         return {name: single for name in f.keys()}
+
+
+def open_safetensors(path: Path, framework: str):
+    """safe_open, with a truncated or corrupt file (whose header does not match its size) reported as a ValueError
+    naming the file instead of safetensors' bare "incomplete metadata"."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: listed in model.safetensors.index.json but absent")
+    try:
+        return safe_open(path, framework=framework)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: damaged safetensors file ({e}; {path.stat().st_size} bytes: truncated "
+                         f"download or copy?)") from None
 
 
 def _on_host():
@@ -173,8 +217,7 @@ def from_hf(hf_dir, dtype=None) -> tuple[dict, ModelConfig]:
     dtype overrides param_dtype (default float32). All problems (missing, unexpected, wrongly shaped
     tensors) are collected and raised together as one ValueError."""
     hf_dir = Path(hf_dir)
-    config_path = hf_dir / "config.json"
-    cfg = hf_config_to_model_config(json.loads(config_path.read_text()), config_path)
+    cfg = load_hf_config(hf_dir)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, param_dtype=jnp.dtype(dtype).name)
     leaves, files = _leaves(cfg), _weight_map(hf_dir)
@@ -186,7 +229,7 @@ def from_hf(hf_dir, dtype=None) -> tuple[dict, ModelConfig]:
     target = jnp.dtype(cfg.param_dtype)   # a numpy dtype (ml_dtypes for bfloat16)
     params: dict = {}
     with contextlib.ExitStack() as stack, _on_host():
-        handles = {f: stack.enter_context(safe_open(f, framework="flax")) for f in set(files.values())}
+        handles = {f: stack.enter_context(open_safetensors(f, framework="flax")) for f in sorted(set(files.values()))}
         for leaf in leaves:
             found = [(n, tuple(handles[files[n]].get_slice(n).get_shape())) for n in leaf.names if n in files]
             problems += [f"{n}: expected shape {leaf.hf_shape}, found {s}" for n, s in found if s != leaf.hf_shape]
@@ -260,8 +303,8 @@ def to_hf(params, cfg: ModelConfig, out_dir, tokenizer_path=None, max_shard_byte
 def _write_tokenizer(model_path: Path, out: Path, cfg: ModelConfig) -> dict:
     """Copies a SentencePiece model beside the weights with the files transformers reads (tokenizer/hf_files.py);
     returns the config.json special-token ids."""
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
-    if sp.get_piece_size() > cfg.vocab_size:
-        raise ValueError(f"{model_path}: {sp.get_piece_size()} pieces exceed model.vocab_size ({cfg.vocab_size})")
+    pieces = Tokenizer(model_path).vocab_size        # a file that is no SentencePiece model is named here
+    if pieces > cfg.vocab_size:
+        raise ValueError(f"{model_path}: {pieces} pieces exceed model.vocab_size ({cfg.vocab_size})")
     shutil.copyfile(model_path, out / "tokenizer.model")
     return write_hf_tokenizer_files(out / "tokenizer.model", cfg.max_seq_len)

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 
 from jaxllm.tokenizer.hf_files import write_hf_tokenizer_files
 from jaxllm.tokenizer.proto import model_proto_class
-from jaxllm.tokenizer.tokenizer import MODEL_FILENAME, Tokenizer, resolve_model_file
+from jaxllm.tokenizer.tokenizer import MODEL_FILENAME, Tokenizer, not_a_model_error, resolve_model_file
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ def load_model_proto(path: str | os.PathLike, role: str = "model") -> ModelProto
     except (DecodeError, RuntimeError, UnicodeDecodeError):
         ok = False
     if not ok:
-        raise ValueError(f"{role} {str(file)!r} is not a SentencePiece model (expected a .model file written by "
-                         f"sentencepiece, e.g. LLaMA's tokenizer.model)")
+        raise not_a_model_error(file, data, role)
     return proto
 
 

@@ -26,6 +26,20 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
     return p
 
 
+def not_a_model_error(path: str | os.PathLike, data: bytes, role: str = "") -> ValueError:
+    """The error for a file sentencepiece cannot load, naming it and what it seems to be instead of sentencepiece's
+    raw protobuf check ("INTERNAL: ... ParseFromArray ...")."""
+    what = f"{role} {str(path)!r}" if role else repr(str(path))
+    if not data:
+        found = "the file is empty"
+    elif data.lstrip()[:1] in (b"{", b"["):
+        found = "it is JSON: a Hugging Face tokenizer.json? jaxllm reads SentencePiece .model files"
+    else:
+        found = f"{len(data)} bytes that do not parse as a SentencePiece model: truncated, or another format?"
+    return ValueError(f"{what} is not a SentencePiece model ({found}); expected a .model file written by "
+                      f"sentencepiece, e.g. LLaMA's tokenizer.model")
+
+
 class Tokenizer:
     """A SentencePiece model: text <-> token ids.
 
@@ -45,8 +59,8 @@ class Tokenizer:
         sp = spm.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(proto)
-        except RuntimeError as e:  # sentencepiece's message is a bare C++ check; say which file it was
-            raise ValueError(f"{path!r} is not a valid SentencePiece model: {e}") from e
+        except RuntimeError:  # sentencepiece's message is a bare C++ check; say which file it was, and why
+            raise not_a_model_error(path, proto) from None
         self._path, self._proto, self._sp = path, proto, sp
 
     # Pickling: keep the model bytes, not the C++ processor (which cannot be pickled portably).
