@@ -226,7 +226,7 @@ def test_bad_records_are_named_or_counted(tmp_path, caplog):
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', encoding="utf-8")
     with pytest.raises(RecordError, match=r"bad.jsonl:2: field 'output' missing"):
         load_sft(bad)
-    assert len(load_sft(bad, on_error="skip")) == 1 and "1 malformed" in caplog.text
+    assert len(load_sft(bad, on_error="skip")) == 1 and "1 field 'output' missing (first at" in caplog.text
     pairs = tmp_path / "pairs.json"
     pairs.write_text(json.dumps([{"prompt": "p", "chosen": "same", "rejected": "same"},
                                  {"prompt": "p", "selected": "good", "rejected": "bad", "margin": 1.5}]))

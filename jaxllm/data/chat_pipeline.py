@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from typing import Sequence
 
 import grain
@@ -37,21 +38,53 @@ def _fit(ids: list[int], mask: list[int], seq_len: int, overlong: str, keep: int
     Returns (ids, mask) or None when the sample cannot be kept."""
     if len(ids) <= seq_len:
         return ids, mask
-    if overlong != "truncate_prompt":
+    if shortest_fit(ids, mask, overlong, keep) > seq_len:     # skipping, or the response alone does not fit
         return None
-    first_target = mask.index(1) if 1 in mask else len(mask)
     excess = len(ids) - seq_len
-    if first_target - keep < excess:          # the response alone does not fit
-        return None
     return ids[:keep] + ids[keep + excess:], mask[:keep] + mask[keep + excess:]
+
+
+def shortest_fit(ids: list[int], mask: list[int], overlong: str, keep: int = 1) -> int:
+    """The smallest seq_len at which `_fit` keeps this sample (its prompt cut to `keep` tokens at most)."""
+    if overlong != "truncate_prompt":
+        return len(ids)
+    first_target = mask.index(1) if 1 in mask else len(mask)
+    return len(ids) - max(first_target - keep, 0)
+
+
+def seq_len_keeping(lengths: Sequence[int], share: float = 0.95) -> int:
+    """The smallest seq_len that keeps `share` of the samples whose shortest fits are `lengths`."""
+    ordered = sorted(lengths)
+    return ordered[max(math.ceil(share * len(ordered)) - 1, 0)]
+
+
+TOO_LONG_WARNING = 0.10   # dropping more than this share as too long is a warning with a suggested seq_len
+
+
+def too_long_summary(what: str, lengths: Sequence[int], too_long: int, *, seq_len: int, overlong: str) -> str:
+    """"120 of 300 preference pairs (40.0%) are too long for data.seq_len=256 (overlong=...); data.seq_len=612
+    would keep 95%", from the shortest fit of every sample; logged as a warning above TOO_LONG_WARNING."""
+    if not lengths:
+        return f"no {what} given"
+    text = (f"{too_long} of {len(lengths)} {what} ({too_long / max(len(lengths), 1):.1%}) are too long for "
+            f"data.seq_len={seq_len} (overlong={overlong}); data.seq_len={seq_len_keeping(lengths)} would keep 95%")
+    if too_long > TOO_LONG_WARNING * len(lengths):
+        logging.warning(text)
+    return text
+
+
+def _skip_counts(skipped: dict) -> str:
+    return ", ".join(f"{v} skipped: {k}" for k, v in skipped.items())
 
 
 def encode_sft(conversations: Sequence[list[dict]], tokenizer, *, template: str, seq_len: int,
                overlong: str = "skip") -> list[Encoded]:
-    """Conversations -> token ids and assistant masks; skips are counted and logged."""
-    out, skipped = [], {"too long": 0, "no trainable token": 0}
+    """Conversations -> token ids and assistant masks; skips are counted and logged, and dropping more than
+    TOO_LONG_WARNING of them as too long warns with the seq_len that would keep 95%."""
+    out, skipped, lengths = [], {"too long": 0, "no trainable token": 0}, []
     for conv in conversations:
         ids, mask = encode_segments(render(conv, template), tokenizer)
+        lengths.append(shortest_fit(ids, mask, overlong))
         fitted = _fit(ids, mask, seq_len, overlong)
         if fitted is None:
             skipped["too long"] += 1
@@ -61,10 +94,12 @@ def encode_sft(conversations: Sequence[list[dict]], tokenizer, *, template: str,
             skipped["no trainable token"] += 1
             continue
         out.append(Encoded(ids, mask))
-    logging.info("SFT samples: %d kept, %s (overlong=%s, seq_len=%d)", len(out),
-                 ", ".join(f"{v} skipped: {k}" for k, v in skipped.items()), overlong, seq_len)
+    summary = too_long_summary("SFT samples", lengths, skipped["too long"], seq_len=seq_len, overlong=overlong)
+    logging.info("SFT samples: %d kept, %s (overlong=%s, seq_len=%d)", len(out), _skip_counts(skipped), overlong,
+                 seq_len)
     if not out:
-        raise ValueError(f"no SFT sample is left after encoding ({skipped}); raise data.seq_len?")
+        hint = f": {summary}" if skipped["too long"] else ""
+        raise ValueError(f"no SFT sample is left after encoding ({_skip_counts(skipped)}){hint}")
     return out
 
 
@@ -165,9 +200,14 @@ def encode_response(prompt_ids: list[int], response: str, tokenizer, *, suffix: 
                     overlong: str) -> dict | None:
     """A rendered prompt's ids + one response (its tokens carry the mask) -> {"ids", "train_mask"}, or None
     when it does not fit even with the prompt cut (overlong="truncate_prompt") or at all ("skip")."""
-    resp, resp_mask = encode_segments([Segment(response + suffix, True, eos_after=True)], tokenizer, add_bos=False)
-    fitted = _fit(prompt_ids + resp, [0] * len(prompt_ids) + resp_mask, seq_len, overlong)
+    fitted = _fit(*response_ids(prompt_ids, response, tokenizer, suffix=suffix), seq_len, overlong)
     return None if fitted is None else {"ids": fitted[0], "train_mask": fitted[1]}
+
+
+def response_ids(prompt_ids: list[int], response: str, tokenizer, *, suffix: str) -> tuple[list[int], list[int]]:
+    """(ids, mask) of the prompt followed by the response, uncut: the mask covers the response and its eos."""
+    resp, resp_mask = encode_segments([Segment(response + suffix, True, eos_after=True)], tokenizer, add_bos=False)
+    return prompt_ids + resp, [0] * len(prompt_ids) + resp_mask
 
 
 def encode_prompt(prompt: list[dict], tokenizer, template) -> list[int]:
@@ -183,21 +223,25 @@ def assistant_suffix(template) -> str:
 def encode_pairs(pairs: Sequence[dict], tokenizer, *, template: str, seq_len: int,
                  overlong: str = "truncate_prompt") -> list[dict]:
     """Each pair -> {"chosen": {ids, train_mask}, "rejected": {...}, "margin"}; the prompt is shared, the
-    responses carry the mask. Over-long pairs lose prompt tokens from the left, or are skipped (counted)."""
-    out, skipped = [], 0
+    responses carry the mask. Over-long pairs lose prompt tokens from the left, or are skipped (counted; more
+    than TOO_LONG_WARNING of them warns with the seq_len that would keep 95%)."""
+    out, too_long, lengths = [], 0, []
     suffix = assistant_suffix(template)
     for pair in pairs:
         prompt_ids = encode_prompt(pair["prompt"], tokenizer, template)
-        encoded = {side: encode_response(prompt_ids, pair[side], tokenizer, suffix=suffix, seq_len=seq_len,
-                                         overlong=overlong) for side in ("chosen", "rejected")}
-        if None in encoded.values():
-            skipped += 1
+        full = {side: response_ids(prompt_ids, pair[side], tokenizer, suffix=suffix) for side in ("chosen", "rejected")}
+        lengths.append(max(shortest_fit(ids, mask, overlong) for ids, mask in full.values()))
+        fitted = {side: _fit(ids, mask, seq_len, overlong) for side, (ids, mask) in full.items()}
+        if None in fitted.values():
+            too_long += 1
             continue
+        encoded = {side: {"ids": ids, "train_mask": mask} for side, (ids, mask) in fitted.items()}
         out.append({**encoded, "margin": float(pair.get("margin", 0.0))})
-    logging.info("preference pairs: %d kept, %d skipped: too long (overlong=%s, seq_len=%d)", len(out), skipped,
+    summary = too_long_summary("preference pairs", lengths, too_long, seq_len=seq_len, overlong=overlong)
+    logging.info("preference pairs: %d kept, %d skipped: too long (overlong=%s, seq_len=%d)", len(out), too_long,
                  overlong, seq_len)
     if not out:
-        raise ValueError("no preference pair is left after encoding; raise data.seq_len?")
+        raise ValueError(f"no preference pair is left after encoding: {summary}")
     return out
 
 

@@ -2,9 +2,12 @@
 
 A source spec is one of:
   * a file: `.txt` (documents are lines, blank-line separated paragraphs, or the whole file, per
-    `text_split`), `.jsonl` (one JSON object per line, text under `jsonl_field`), `.parquet` (the string
-    column `jsonl_field`) or `.array_record` (one UTF-8 document per record, read lazily);
-  * a directory: every such file under it, recursively, in sorted order;
+    `text_split`), `.jsonl` (one JSON object per line) or `.json` (a JSON array of objects, as
+    chinese-poetry ships, or JSON Lines), text under `jsonl_field` (see `record_text`: a list of lines such
+    as chinese-poetry's "paragraphs" is joined with newlines), `.parquet` (the string column `jsonl_field`)
+    or `.array_record` (one UTF-8 document per record, read lazily);
+  * a directory: every such file under it, recursively, in sorted order (a `.json` file there holding one
+    JSON object, such as a report or manifest, is metadata: skipped and counted);
   * a glob (`data/*.txt`, `corpus/**/*.jsonl`): the matching files, sorted;
   * a directory written by `jaxllm data prepare` (it holds `prepared.json`): token ids, read lazily;
   * `tfds:NAME[/CONFIG][:VERSION][:SPLIT]`: a TFDS dataset through `tfds.data_source` (no TensorFlow),
@@ -26,7 +29,6 @@ import glob
 import importlib
 import importlib.resources
 import importlib.util
-import json
 import logging
 import os
 import random
@@ -36,11 +38,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxllm.data import records as records_lib
+from jaxllm.data.formats import NOT_RECORDS, RecordError, parse_json_records
 
 log = logging.getLogger(__name__)
 
 TEXT_SPLITS = ("line", "paragraph", "file")
-SUFFIXES = (".txt", ".jsonl", ".parquet", ".array_record")
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".array_record")
 
 
 @dataclasses.dataclass
@@ -79,19 +82,24 @@ def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "line
         source = Source(spec, tokens, kind="tokens", tokens=int(manifest["tokens"]))
     else:
         parts, skipped = [], collections.Counter()
-        for path in source_files(spec):
+        files = source_files(spec)
+        for path in files:      # a stray token shard first: it explains the rest of the directory
             if path.endswith(records_lib.SHARD_SUFFIX):
-                folder = os.path.dirname(path)
-                if records_lib.is_prepared(folder):
-                    raise ValueError(f"{path} is a prepared token shard: give its directory {folder!r} as a "
-                                     f"source of its own")
-                raise ValueError(f"{path} is a prepared token shard, but its directory has no "
-                                 f"{records_lib.PREPARED_MANIFEST} (`jaxllm data prepare` did not finish): "
-                                 f"run it again")
+                _refuse_shard(path)
+        for path in files:
             if path.endswith(".array_record"):
                 parts.append(records_lib.TextRecords([path]))
                 continue
-            docs, file_skipped = _read_file(path, jsonl_field=jsonl_field, text_split=text_split, on_error=on_error)
+            try:
+                docs, file_skipped = _read_file(path, jsonl_field=jsonl_field, text_split=text_split,
+                                                on_error=on_error)
+            except RecordError as e:
+                # A directory's .json metadata (clean's report.json, a manifest) is not data: skipped, counted.
+                if e.reason != NOT_RECORDS or path == spec:
+                    raise
+                log.info("%s: skipped, %s", path, e)
+                skipped["json_not_records"] += 1
+                continue
             parts.append(docs)
             skipped.update(file_skipped)
         flat = all(isinstance(p, list) for p in parts)
@@ -102,6 +110,14 @@ def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "line
     log.info("data source %s: %d %s read, %s", spec, len(source), "documents" if source.kind == "text" else
              "token documents", _describe(source.skipped))
     return source
+
+
+def _refuse_shard(path: str) -> None:
+    folder = os.path.dirname(path)
+    if records_lib.is_prepared(folder):
+        raise ValueError(f"{path} is a prepared token shard: give its directory {folder!r} as a source of its own")
+    raise ValueError(f"{path} is a prepared token shard, but its directory has no {records_lib.PREPARED_MANIFEST} "
+                     f"(`jaxllm data prepare` did not finish): run it again")
 
 
 def _describe(skipped: dict) -> str:
@@ -207,8 +223,8 @@ def _read_file(path: str, *, jsonl_field: str, text_split: str, on_error: str = 
         docs, skipped["empty"] = _non_empty(pieces)
         return docs, +skipped
     text = _read_text(path)
-    if path.endswith(".jsonl"):
-        pieces = _jsonl_texts(path, text, jsonl_field, on_error, skipped)
+    if path.endswith((".jsonl", ".json")):
+        pieces = _json_texts(path, text, jsonl_field, on_error, skipped)
     elif text_split == "line":
         pieces = _lines(text)
     elif text_split == "paragraph":
@@ -234,32 +250,41 @@ def _non_empty(pieces: list[str]) -> tuple[list[str], int]:
     return kept, len(docs) - len(kept)
 
 
-def _jsonl_texts(path: str, text: str, field: str, on_error: str = "raise",
-                 skipped: collections.Counter | None = None) -> list[str]:
-    """The `field` string of every JSON line; a blank line gives an empty document (skipped, counted).
-    A bad line raises naming file:line and field, or with on_error="skip" is counted in `skipped`."""
+def _json_texts(path: str, text: str, field: str, on_error: str = "raise",
+                skipped: collections.Counter | None = None) -> list[str]:
+    """The text under `field` of every record of a JSON Lines file or a JSON array (`record_text`). A bad
+    record raises naming file:line and field, or with on_error="skip" is counted in `skipped`."""
+    skipped = collections.Counter() if skipped is None else skipped
+
+    def bad_line(error, lineno):
+        skipped["bad_json"] += 1
+
     texts = []
-    for lineno, line in enumerate(_lines(text), start=1):
-        if not line.strip():
-            texts.append("")
-            continue
+    for lineno, record in parse_json_records(text, path, on_bad_line=None if on_error == "raise" else bad_line):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            problem, reason = f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})", "bad_json"
-        else:
-            value = record.get(field) if isinstance(record, dict) else None
-            if isinstance(value, str):
-                texts.append(value)
-                continue
-            problem, reason = ((f"{path}:{lineno}: field {field!r} missing", "missing_field") if value is None else
-                               (f"{path}:{lineno}: field {field!r} must be a string, got {type(value).__name__}",
-                                "not_a_string"))
-        if on_error == "raise":
-            raise ValueError(problem)
-        if skipped is not None:
-            skipped[reason] += 1
+            texts.append(record_text(record, field, f"{path}:{lineno}"))
+        except RecordError as e:
+            if on_error == "raise":
+                raise
+            skipped[e.reason] += 1
     return texts
+
+
+def record_text(record, field: str, where: str) -> str:
+    """The document of one JSON record: its `field` as text, or a list of lines (chinese-poetry's
+    "paragraphs") joined with newlines. Anything else raises a RecordError naming where and the field."""
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: a record must be a JSON object, got {type(record).__name__}", "not_an_object")
+    value = record.get(field)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(line, str) for line in value):
+        return "\n".join(value)
+    if value is None:
+        raise RecordError(f"{where}: field {field!r} missing (fields: {', '.join(map(str, record)) or 'none'}; "
+                          f"choose one with data.jsonl_field / --jsonl_field)", "missing_field")
+    raise RecordError(f"{where}: field {field!r} must be a string or a list of strings, got "
+                      f"{type(value).__name__}", "not_a_string")
 
 
 # ------------------------------------------------------------------------------------------ built-ins
