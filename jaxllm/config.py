@@ -219,6 +219,9 @@ class DPOConfig:
         _check(self.reference in ("cached", "online"), f"{where}.reference must be 'cached' or 'online'")
 
 
+INIT_SCRATCH = "scratch"    # init_from's value for random weights, said explicitly
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run. `workdir` holds everything it writes (DESIGN.md, Workdir)."""
@@ -233,7 +236,8 @@ class Config:
     workdir: str = ""               # everything the run writes; required
     tokenizer: str = ""             # path to a SentencePiece tokenizer.model; empty = train one on data.sources
     tokenizer_vocab_size: int = 8000  # vocabulary of the tokenizer trained when `tokenizer` is empty
-    init_from: str = ""             # checkpoint or Hugging Face dir to start from (params only)
+    init_from: str = ""             # checkpoint or Hugging Face dir to start from (params only); "scratch" =
+                                    # random weights, which sft / reward / dpo need said explicitly
     resize_method: str = "none"     # init_from with a larger tokenizer: "none" (error) | "mean" | "mean_noise" |
                                     # "subword_mean" (model/resize.py)
     resize_pad_to_multiple: int = 128  # the resized vocabulary is padded to a multiple of this
@@ -250,9 +254,18 @@ class Config:
         _check(self.resize_method in ("none", "mean", "mean_noise", "subword_mean"),
                f"resize_method must be none, mean, mean_noise or subword_mean, got {self.resize_method!r}")
         _check(self.resize_pad_to_multiple >= 1, "resize_pad_to_multiple must be >= 1")
+        _check(self.objective == "lm" or bool(self.init_from),
+               f"objective {self.objective!r} fine-tunes a trained model: set --config.init_from=<jaxllm workdir, "
+               f"checkpoint or Hugging Face dir> (its tokenizer comes along), or --config.init_from=scratch to "
+               f"train from random weights")
         _check(self.data.seq_len <= self.model.max_seq_len,
                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         return self
+
+
+def init_checkpoint(cfg: Config) -> str:
+    """init_from as a path to load: "" when the run starts from random weights (unset, or "scratch")."""
+    return "" if cfg.init_from in ("", INIT_SCRATCH) else cfg.init_from
 
 
 def validate_mixture(sources, weights, exhaustion=(), schedule=(), where: str = "data") -> None:
