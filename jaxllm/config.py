@@ -324,7 +324,7 @@ def dataclass_from_mapping(cls, values: Mapping[str, Any], where: str = ""):
         if dataclasses.is_dataclass(hint):
             value = dataclass_from_mapping(hint, value, path)
         elif hint is tuple or typing.get_origin(hint) is tuple:
-            value = _to_tuple(value)
+            value = _to_tuple(value, hint, path)
         elif hint is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif hint in (int, float, str, bool) and not isinstance(value, hint):
@@ -333,11 +333,21 @@ def dataclass_from_mapping(cls, values: Mapping[str, Any], where: str = ""):
     return cls(**kwargs)
 
 
-def _to_tuple(value):
+def _to_tuple(value, hint=tuple, path: str = ""):
+    """A list, tuple or single string -> tuple; for `tuple[X, ...]` every item must be an X. The command line
+    turns `--config.data.sources=5` into (5,): named here rather than failing later as `int has no startswith`."""
     if isinstance(value, str):   # a single source given on the command line
-        return (value,) if value else ()
-    if isinstance(value, (list, tuple)):
-        return tuple(_to_tuple(v) if isinstance(v, list) else v for v in value)
+        value = (value,) if value else ()
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config field {path!r} must be a list, got {value!r}")
+    value = tuple(_to_tuple(v) if isinstance(v, list) else v for v in value)
+    item_type = typing.get_args(hint)[0] if typing.get_args(hint) else object
+    for v in value:
+        if not isinstance(v, item_type):
+            quote = (f"; quote a name that looks like a number: --config.{path}=\"'{v}'\""
+                    if item_type is str and isinstance(v, (int, float)) else "")
+            raise ConfigError(f"config field {path!r} must be a list of {item_type.__name__}, got {v!r} "
+                              f"({type(v).__name__}){quote}")
     return value
 
 
