@@ -3,6 +3,7 @@ load; the C-Eval prompt matches the official evaluator's format byte for byte.""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 
 import jax
@@ -141,12 +142,122 @@ def test_real_tiny_model_runs_on_cmmlu_dev_without_self_shots(shared_data, llama
         == "agronomy"
 
 
-def test_in_memory_questions_with_two_options(shared_data, llama_tok):
-    """What the quickstart does: binary questions built in memory; a 2-option question ignores C and D."""
+def test_in_memory_questions_with_two_options(shared_data, llama_tok, caplog):
+    """What the quickstart does: binary questions built in memory; a 2-option question ignores C and D.
+    Scoring logs its progress (counts and rate)."""
     params, cfg = planted_model(llama_tok, max_len=256)     # prefers C, then A: with two options it answers A
     qs = [mc.Question("reviews", str(i), f"评论{i}：很好用", ("正面", "负面"), "AB"[i % 2], f"mem:{i}") for i in range(6)]
-    report = mc.evaluate_questions(params, cfg, llama_tok, {"reviews": qs}, {"reviews": qs}, shots=2)
+    with caplog.at_level("INFO", logger="jaxllm.eval.multiple_choice"):
+        report = mc.evaluate_questions(params, cfg, llama_tok, {"reviews": qs}, {"reviews": qs}, shots=2)
+    assert any(r.getMessage().startswith("multiple choice: 6 questions in ") for r in caplog.records)
     assert report["overall"] == {"correct": 3, "total": 6, "accuracy": 0.5}
     assert {p["prediction"] for p in report["predictions"]} == {"A"} and report["shots_dropped"] == 0
     prompt = mc.build_prompt("评论", qs[:1], qs[1], mc.STYLES["ceval"])
     assert prompt.endswith("评论1：很好用\nA. 正面\nB. 负面\n答案：") and "\nC." not in prompt
+
+
+# ----------------------------------------------------------------------------------------------------
+# `jaxllm eval mcq` as a user runs it: scores that must not be reported are errors, with a way out.
+
+ZH_ROWS = [("中国的首都是哪里？", "北京", "上海", "广州", "深圳", "A"),
+           ("一年有几个季节？", "两个", "三个", "四个", "五个", "C"),
+           ("水的化学式是什么？", "CO2", "H2O", "O2", "NaCl", "B")]
+
+
+def write_ceval_csv(path, rows, header="id,question,A,B,C,D,answer", answers=True):
+    lines = [header] + [",".join([str(i), *row[:5]] + ([row[5] if answers else ""] if "answer" in header else []))
+                        for i, row in enumerate(rows)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture
+def mcq_checkpoint(tmp_path, llama_tok):
+    from jaxllm.checkpoint import save_params
+    params, cfg = planted_model(llama_tok, max_len=256)             # always answers C
+    return save_params(str(tmp_path / "ckpt"), params, cfg, llama_tok.path)
+
+
+def run_mcq(capsys, checkpoint, data, *flags):
+    from jaxllm.cli import main
+    code = main(["eval", "mcq", f"--checkpoint={checkpoint}", f"--data={data}", *flags])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_k_shot_without_dev_is_an_error_and_zero_shot_says_its_language(tmp_path, mcq_checkpoint, capsys):
+    """No dev/ and no subject_mapping.json: 5-shot is refused (not a 0-shot score labelled 5-shot); an explicit
+    --shots=0 scores it, with the Chinese prompt although the subject names are English file names."""
+    data = tmp_path / "set"
+    write_ceval_csv(data / "val" / "geography_val.csv", ZH_ROWS)
+    out = tmp_path / "mcq.json"
+    code, _, err = run_mcq(capsys, mcq_checkpoint, data, "--shots=5", f"--out={out}")
+    assert code == 1 and f"{data / 'dev'}: no dev split" in err and "--shots=0" in err and not out.exists()
+    code, stdout, _ = run_mcq(capsys, mcq_checkpoint, data, "--shots=0", f"--out={out}")
+    report = json.loads(out.read_text())
+    assert code == 0 and report["shots"] == 0 and report["overall"] == {"correct": 1, "total": 3,
+                                                                         "accuracy": pytest.approx(1 / 3)}
+    assert (report["style"], report["prompt_language"], report["data_language"]) == ("ceval", "zh", "zh")
+    assert "0-shot, ceval prompt (zh)" in stdout
+
+
+def test_subject_missing_from_dev_is_an_error_and_a_small_pool_is_counted(tmp_path, mcq_checkpoint, capsys):
+    data = tmp_path / "set"
+    write_ceval_csv(data / "val" / "geography_val.csv", ZH_ROWS)
+    write_ceval_csv(data / "val" / "chemistry_val.csv", ZH_ROWS)
+    write_ceval_csv(data / "dev" / "geography_dev.csv", ZH_ROWS[:2])
+    code, _, err = run_mcq(capsys, mcq_checkpoint, data, "--shots=5", f"--out={tmp_path / 'x.json'}")
+    assert code == 1 and "no solved questions for 1 of 2 subjects (chemistry)" in err and "--shots=0" in err
+    out = tmp_path / "geo.json"
+    code, stdout, _ = run_mcq(capsys, mcq_checkpoint, data, "--shots=5", "--subjects=geography", f"--out={out}")
+    report = json.loads(out.read_text())
+    # Two dev questions for five shots: every question got fewer, and the report says so.
+    assert code == 0 and report["overall"]["total"] == 3 and report["questions_with_fewer_shots"] == 3
+    assert "3 questions with fewer shots" in stdout
+
+
+def test_hidden_answers_are_an_error_and_predict_only_writes_the_ceval_submission(tmp_path, mcq_checkpoint, capsys):
+    data = tmp_path / "set"
+    write_ceval_csv(data / "dev" / "geography_dev.csv", ZH_ROWS)
+    write_ceval_csv(data / "test" / "geography_test.csv", ZH_ROWS, answers=False)    # as C-Eval's test split
+    write_ceval_csv(data / "test" / "physics_test.csv", ZH_ROWS[:2], answers=False)
+    write_ceval_csv(data / "dev" / "physics_dev.csv", ZH_ROWS)
+    report_path = tmp_path / "mcq.json"
+    code, stdout, err = run_mcq(capsys, mcq_checkpoint, data, "--split=test", f"--out={report_path}")
+    assert code == 1 and "none of its 5 questions has an answer" in err and "--predict_only" in err
+    assert "0.00%" not in stdout and not report_path.exists()
+    sub = tmp_path / "submission.json"
+    code, stdout, _ = run_mcq(capsys, mcq_checkpoint, data, "--split=test", "--shots=2", "--predict_only",
+                              f"--out={sub}")
+    assert code == 0 and "predicted 5 questions in 2 subjects" in stdout and "not scored" in stdout
+    assert json.loads(sub.read_text()) == {"geography": {"0": "C", "1": "C", "2": "C"}, "physics": {"0": "C", "1": "C"}}
+    from jaxllm.cli import main
+    with pytest.raises(SystemExit):           # told before loading anything: where would the predictions go?
+        main(["eval", "mcq", f"--checkpoint={mcq_checkpoint}", f"--data={data}", "--predict_only"])
+    assert "--predict_only needs --out" in capsys.readouterr().err
+
+
+def test_csv_without_an_answer_column_names_the_columns(tmp_path, mcq_checkpoint, capsys):
+    data = tmp_path / "set"
+    write_ceval_csv(data / "val" / "geography_val.csv", ZH_ROWS, header="id,question,A,B,C,D")
+    code, _, err = run_mcq(capsys, mcq_checkpoint, data, "--shots=0", f"--out={tmp_path / 'x.json'}")
+    assert code == 1 and "geography_val.csv:1: header has columns ['id', 'question', 'A', 'B', 'C', 'D']" in err
+    assert "missing ['answer']" in err and "question,A,B,C,D,answer" in err and "option text" not in err
+    # The same file can be predicted (C-Eval's test split has no answers to read).
+    qs, _ = mc.read_csv(data / "val" / "geography_val.csv", answers_required=False)
+    assert [(q.id, q.answer) for q in qs] == [("0", ""), ("1", ""), ("2", "")]
+    (data / "val" / "geography_val.csv").write_text("question,A,B,C\nq,a,b,c\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"missing \['d', 'answer'\]"):
+        mc.read_csv(data / "val" / "geography_val.csv")
+
+
+def test_english_style_is_chosen_by_the_questions_language(shared_data, tmp_path):
+    """MMLU without its subject_mapping.json still gets the English prompt, C-Eval the Chinese one."""
+    mmlu = tmp_path / "mmlu"
+    (mmlu / "dev").mkdir(parents=True)
+    src = shared_data / "eval" / "mmlu" / "dev" / "abstract_algebra_dev.csv"
+    (mmlu / "dev" / src.name).write_bytes(src.read_bytes())       # a temporary copy, outside the repository
+    qs, _ = mc.load_split(mmlu, "dev")
+    assert not mc.is_chinese(q.question for q in qs["abstract_algebra"])
+    ceval, _ = mc.load_split(shared_data / "eval" / "ceval", "dev", ["accountant"])
+    assert mc.is_chinese(q.question for q in ceval["accountant"])

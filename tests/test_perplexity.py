@@ -124,3 +124,37 @@ def test_eval_ppl_command_writes_its_report(hf_model, tokenizer_path, tmp_path, 
     expected = ppl.text_perplexity(params, cfg, Tokenizer(tokenizer_path), TEXT, window=32, stride=16)
     assert report["overall"]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
     assert "held.txt" in capsys.readouterr().out
+
+
+def test_eval_ppl_refuses_an_empty_file_even_beside_real_ones(hf_model, tokenizer_path, tmp_path, capsys):
+    """An empty file has no tokens: its "perplexity 1.000, 0 bits" would be a made-up score. The command
+    fails naming the file, and writes no report."""
+    from jaxllm.checkpoint import save_params
+    from jaxllm.cli import main
+    _, params, cfg = hf_model
+    ckpt = save_params(str(tmp_path / "ckpt"), params, cfg, tokenizer_path)
+    (tmp_path / "held.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "blank.jsonl").write_text('\n{"text": "  "}\n', encoding="utf-8")
+    out = tmp_path / "ppl.json"
+    for empty in ("empty.txt", "blank.jsonl"):
+        code = main(["eval", "ppl", f"--checkpoint={ckpt}", f"--text={tmp_path / 'held.txt'}",
+                     f"--text={tmp_path / empty}", f"--out={out}"])
+        captured = capsys.readouterr()
+        assert code == 1 and f"{tmp_path / empty}: empty" in captured.err and "nothing to score" in captured.err
+        assert "1.000" not in captured.out and not out.exists()
+    # The library says the same for a text given in memory, and for one token with nothing to predict.
+    tok = Tokenizer(tokenizer_path)
+    with pytest.raises(ValueError, match="notes: empty text"):
+        ppl.evaluate_perplexity(params, cfg, tok, {"held": TEXT, "notes": " \n"})
+    with pytest.raises(ValueError, match="nothing to score"):
+        ppl.token_nll(params, cfg, [tok.bos_id])
+
+
+def test_long_text_logs_progress(hf_model, tokenizer_path, caplog):
+    import logging
+    _, params, cfg = hf_model
+    with caplog.at_level(logging.INFO, logger="jaxllm.eval.perplexity"):
+        ppl.text_perplexity(params, cfg, Tokenizer(tokenizer_path), TEXT * 4, window=32, stride=16, name="story")
+    assert any(r.getMessage().startswith("perplexity story: ") and "windows in" in r.getMessage()
+               for r in caplog.records)

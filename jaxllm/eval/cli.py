@@ -8,12 +8,16 @@ from pathlib import Path
 
 def _write(report: dict, out: str | None, checkpoint: str | None, name: str) -> None:
     """Writes the JSON report to --out, or to <workdir>/eval/<name>.json when the checkpoint is a run workdir."""
-    if out is None and checkpoint and (Path(checkpoint) / "config.json").exists():
+    if out is None and _is_workdir(checkpoint):
         out = str(Path(checkpoint) / "eval" / f"{name}.json")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
         print(f"wrote {out}")
+
+
+def _is_workdir(checkpoint: str | None) -> bool:
+    return bool(checkpoint) and (Path(checkpoint) / "config.json").exists()
 
 
 def _add_model_flags(p) -> None:
@@ -38,13 +42,19 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("mcq", help="k-shot multiple-choice accuracy (C-Eval / CMMLU / MMLU CSV layouts)")
     _add_model_flags(p)
     p.add_argument("--data", required=True, help="directory with dev/ and val/ or test/ CSVs (+ subject_mapping.json)")
-    p.add_argument("--shots", type=int, default=5, help="solved dev questions in each prompt")
+    p.add_argument("--shots", type=int, default=5, help="solved dev questions in each prompt (needs <data>/dev; "
+                   "0 = zero-shot)")
     p.add_argument("--split", default=None, help="split to score (default: val, else test, else dev)")
-    p.add_argument("--style", default=None, choices=["ceval", "mmlu"], help="prompt form (default: by language)")
+    p.add_argument("--style", default=None, choices=["ceval", "mmlu"],
+                   help="prompt form (default: by the questions' language: Chinese -> ceval, else mmlu)")
+    p.add_argument("--predict_only", action="store_true",
+                   help="do not score: write each question's predicted letter in C-Eval's submission format "
+                   "(JSON: subject -> question id -> letter), e.g. for C-Eval's test split whose answers are hidden")
     p.add_argument("--subjects", default="", help="comma-separated subjects (default: all)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per forward pass")
     p.add_argument("--max_len", type=int, default=None, help="prompt token limit (default: the model's max_seq_len)")
-    p.add_argument("--out", default=None, help="JSON report path (default: <workdir>/eval/mcq.json for a workdir)")
+    p.add_argument("--out", default=None, help="JSON report path (default: <workdir>/eval/mcq.json for a workdir); "
+                   "with --predict_only the submission file (default: <workdir>/eval/mcq_submission.json)")
 
     p = sub.add_parser("judge", help="pairwise LLM-as-judge of two answer files")
     p.add_argument("--questions", required=True, help="BELLE eval_set.json or FastChat question.jsonl")
@@ -70,14 +80,20 @@ def main(argv: list[str]) -> int:
         print(f"wrote {Path(args.out) / 'summary.json'} and judgements.jsonl")
         return 0
 
-    from jaxllm.inference import load_for_inference
-    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
-    if args.what == "ppl":
+    if args.what == "mcq" and args.shots < 0:
+        parser.error(f"--shots={args.shots}: must be >= 0")
+    if args.what == "mcq" and args.predict_only and args.out is None and not _is_workdir(args.checkpoint):
+        # Say so before minutes of loading and scoring, not after.
+        parser.error("--predict_only needs --out=<file.json> (or a run workdir as --checkpoint)")
+    if args.what == "ppl":   # read (and check) the texts before minutes of loading the model
         from jaxllm.eval import perplexity as ppl
         sources = {}
         for path in args.text:
             sources[Path(path).name if Path(path).name not in sources else path] = ppl.read_text(
                 path, args.jsonl_field, args.max_chars)
+    from jaxllm.inference import load_for_inference
+    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+    if args.what == "ppl":
         report = ppl.evaluate_perplexity(model.params, model.cfg, model.tokenizer, sources, window=args.window,
                                          stride=args.stride, batch_size=args.batch_size)
         print(ppl.format_table(report))
@@ -87,9 +103,13 @@ def main(argv: list[str]) -> int:
         report = mc.evaluate_mcq(model.params, model.cfg, model.tokenizer, args.data, shots=args.shots,
                                  split=args.split, style=args.style,
                                  subjects=[s for s in args.subjects.split(",") if s] or None,
-                                 batch_size=args.batch_size, max_len=args.max_len)
-        print(mc.format_table(report))
-        _write(report, args.out, args.checkpoint, "mcq")
+                                 batch_size=args.batch_size, max_len=args.max_len, predict_only=args.predict_only)
+        if args.predict_only:
+            print(mc.format_submission_summary(report))
+            _write(report["submission"], args.out, args.checkpoint, "mcq_submission")
+        else:
+            print(mc.format_table(report))
+            _write(report, args.out, args.checkpoint, "mcq")
     return 0
 
 

@@ -1,33 +1,29 @@
-"""k-shot multiple-choice accuracy on C-Eval, CMMLU and MMLU CSV files.
-
-Layouts (all four options A-D), told apart by their first row:
-  C-Eval  <dir>/{dev,val,test}/<subject>_<split>.csv  header id,question,A,B,C,D,answer[,explanation]
-  CMMLU   <dir>/{dev,test}/<subject>.csv              header ,Question,A,B,C,D,Answer (unnamed index first)
-  MMLU    <dir>/{dev,val,test}/<subject>_<split>.csv  no header: question,A,B,C,D,answer
-`<dir>/subject_mapping.json` (subject -> {"name", "category"}, or C-Eval's [english, chinese, category]) gives
-each subject's display name and category.
+"""k-shot multiple-choice accuracy on C-Eval, CMMLU and MMLU CSV files (read by mcq_data.py), and
+predictions in C-Eval's submission format for splits whose answers are hidden.
 
 Prompts follow C-Eval's official evaluator byte for byte (the Chinese styles) or Hendrycks' MMLU script
 (the English style): a header naming the subject, k solved questions from the dev split, then the question
-ending in the answer prefix. The prediction is the argmax over the next-token logits of the option letters
+ending in the answer prefix. The prompt language follows the questions' own language (not the subject
+names, which are English file names without a subject_mapping.json) and is stated in the report. The
+prediction is the argmax over the next-token logits of the option letters
 (what a softmax over them would pick). `evaluate_questions` takes questions built in memory, with 2 to 4
 options each. The letter ids are those the tokenizer produces right after
 the answer prefix, not of the letter alone: for SentencePiece models "答案：C" ends in the piece "C" while
 "C" alone encodes to "▁C", a different token.
 
-Shots that make a prompt longer than the model's context are dropped from the last one back and counted; a
-question too long even with no shots is cut from the left (keeping the options and answer prefix) and
-counted.
+k shots need a dev split holding every scored subject: without one it is an error (pass shots=0 for a
+zero-shot score), never a zero-shot score labelled k-shot. A subject with fewer than k dev questions (other
+than the question itself) gets what it has, and such questions are counted. Shots that make a prompt longer
+than the model's context are dropped from the last one back and counted; a question too long even with no
+shots is cut from the left (keeping the options and answer prefix) and counted.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import json
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -36,21 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.eval.mcq_data import (LETTERS, Question, is_chinese, load_mapping, load_split,  # noqa: F401 (re-exported)
+                                  read_csv, subject_of)
+from jaxllm.eval.progress import ProgressLog
 from jaxllm.model.padding import pad_sequences, round_up
 from jaxllm.model.transformer import hidden_states, logits_from_hidden
 
 log = logging.getLogger(__name__)
-LETTERS = ("A", "B", "C", "D")
-
-
-@dataclasses.dataclass(frozen=True)
-class Question:
-    subject: str
-    id: str
-    question: str
-    options: tuple[str, ...]   # 2 to 4 options, lettered A, B, ... (the CSV layouts always have 4)
-    answer: str           # "A".."D"
-    where: str            # "file:line", for error messages and the predictions file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,106 +48,17 @@ class PromptStyle:
     answer_prefix: str    # the prompt ends with this
     answer: str           # formatted with {letter}: what a shot's answer looks like after the prefix
     shot_end: str         # after a shot's answer
+    language: str         # the prompt's language, stated in the report: "zh" or "en"
 
 
 STYLES = {
     # C-Eval's official evaluator (code/evaluator_series/evaluators/llama.py, format_example).
     "ceval": PromptStyle("以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n",
-                         "\n{letter}. {text}", "\n答案：", "{letter}", "\n\n"),
+                         "\n{letter}. {text}", "\n答案：", "{letter}", "\n\n", "zh"),
     # Hendrycks et al.'s MMLU evaluation script (format_example / gen_prompt).
     "mmlu": PromptStyle("The following are multiple choice questions (with answers) about {subject}.\n\n",
-                        "\n{letter}. {text}", "\nAnswer:", " {letter}", "\n\n"),
+                        "\n{letter}. {text}", "\nAnswer:", " {letter}", "\n\n", "en"),
 }
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading the CSV layouts.
-
-def read_csv(path: str | Path, subject: str | None = None) -> tuple[list[Question], Counter]:
-    """Questions of one CSV file in any of the three layouts, and counts of rows skipped (no answer)."""
-    path = Path(path)
-    subject = subject or subject_of(path)
-    questions, skipped = [], Counter()
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        rows = []
-        line = 1
-        for row in reader:
-            rows.append((line, row))
-            line = reader.line_num + 1          # a quoted field may span lines: remember where a row starts
-    if not rows:
-        return [], skipped
-    first = [c.strip().lower() for c in rows[0][1]]
-    if {"question", "a", "b", "c", "d", "answer"} <= set(first):
-        col = {name: first.index(name) for name in ("question", "a", "b", "c", "d", "answer")}
-        id_col = first.index("id") if "id" in first else 0 if first[0] == "" else None
-        body = rows[1:]
-    else:   # MMLU: no header, six positional columns
-        col = {"question": 0, "a": 1, "b": 2, "c": 3, "d": 4, "answer": 5}
-        id_col, body = None, rows
-    width = max(col.values()) + 1
-    for n, (line, row) in enumerate(body):
-        where = f"{path}:{line}"
-        if len(row) < width:
-            raise ValueError(f"{where}: {len(row)} columns, expected at least {width} "
-                             f"(question, A, B, C, D, answer)")
-        answer = row[col["answer"]].strip()
-        if not answer:
-            skipped["no answer"] += 1
-            continue
-        if answer not in LETTERS:
-            raise ValueError(f"{where}: field 'answer' is {answer!r}, expected one of {', '.join(LETTERS)}")
-        qid = row[id_col].strip() if id_col is not None else str(n)
-        options = tuple(row[col[k]] for k in ("a", "b", "c", "d"))
-        questions.append(Question(subject, qid, row[col["question"]], options, answer, where))
-    if skipped:
-        log.info("%s: skipped %s", path, dict(skipped))
-    return questions, skipped
-
-
-def subject_of(path: Path) -> str:
-    """'accountant' from accountant_val.csv (C-Eval, MMLU) or accountant.csv (CMMLU)."""
-    stem = path.stem
-    for split in ("_dev", "_val", "_test"):
-        if stem.endswith(split):
-            return stem[: -len(split)]
-    return stem
-
-
-def load_split(data_dir: str | Path, split: str, subjects: Sequence[str] | None = None
-               ) -> tuple[dict[str, list[Question]], Counter]:
-    """subject -> questions of <data_dir>/<split>/*.csv, and the skip counts summed over files."""
-    directory = Path(data_dir) / split
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no {split!r} split here (expected <data>/{split}/*.csv)")
-    out, skipped = {}, Counter()
-    for path in sorted(directory.glob("*.csv")):
-        subject = subject_of(path)
-        if subjects and subject not in subjects:
-            continue
-        out[subject], s = read_csv(path, subject)
-        skipped += s
-    if not out:
-        raise FileNotFoundError(f"{directory}: no CSV files" + (f" for subjects {list(subjects)}" if subjects else ""))
-    return out, skipped
-
-
-def load_mapping(data_dir: str | Path) -> dict[str, dict]:
-    """subject -> {"name", "category"} from <data_dir>/subject_mapping.json (empty when absent)."""
-    path = Path(data_dir) / "subject_mapping.json"
-    if not path.exists():
-        return {}
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    out = {}
-    for subject, v in raw.items():
-        if isinstance(v, dict) and {"name", "category"} <= v.keys():
-            out[subject] = {"name": v["name"], "category": v["category"]}
-        elif isinstance(v, list) and len(v) == 3:           # C-Eval's own [english, chinese, category]
-            out[subject] = {"name": v[1], "category": v[2]}
-        else:
-            raise ValueError(f"{path}: entry {subject!r} is neither {{name, category}} nor "
-                             f"[english, chinese, category]")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,6 +127,7 @@ def score_prompts(params, cfg: ModelConfig, prompts: Sequence[list[int]], option
     order = np.argsort([len(p) for p in prompts], kind="stable")
     out = np.zeros((len(prompts), len(option_ids)), np.float32)
     option_ids = jnp.asarray(option_ids, jnp.int32)
+    progress = ProgressLog("multiple choice", len(prompts), "questions", logger=log)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         rows = [prompts[i] for i in idx]
@@ -237,6 +137,8 @@ def score_prompts(params, cfg: ModelConfig, prompts: Sequence[list[int]], option
         lengths[:len(rows)] = [len(p) for p in rows]
         logits = _option_logits(params, tokens, seg, pos, lengths, option_ids, cfg=cfg)
         out[idx] = np.asarray(logits)[:len(idx)]
+        progress.update(b + len(idx))
+    progress.finish()
     return out
 
 
@@ -244,32 +146,65 @@ def _accuracy(correct: int, total: int) -> dict:
     return {"correct": correct, "total": total, "accuracy": correct / total if total else 0.0}
 
 
+def load_shot_pool(data_dir: Path, subjects: Sequence[str], shots: int) -> dict[str, list[Question]]:
+    """subject -> dev questions for k-shot prompts; an error when k > 0 and the dev split or a subject in it
+    is missing (a zero-shot run must be asked for, never labelled k-shot)."""
+    if shots == 0:
+        return {}
+    dev_dir = data_dir / "dev"
+    if not dev_dir.is_dir():
+        raise FileNotFoundError(f"{dev_dir}: no dev split to draw {shots}-shot examples from; add it, or pass "
+                                f"--shots=0 to score zero-shot")
+    dev, _ = load_split(data_dir, "dev", subjects)
+    missing = [s for s in subjects if not dev.get(s)]
+    if missing:
+        raise ValueError(f"{dev_dir}: no solved questions for {len(missing)} of {len(subjects)} subjects "
+                         f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), so they cannot be "
+                         f"scored {shots}-shot; add them, score --subjects without them, or pass --shots=0")
+    return dev
+
+
 def evaluate_mcq(params, cfg: ModelConfig, tokenizer, data_dir: str | Path, *, shots: int = 5,
                  split: str | None = None, style: str | None = None, subjects: Sequence[str] | None = None,
-                 batch_size: int = 8, max_len: int | None = None) -> dict:
-    """Accuracy on a C-Eval / CMMLU / MMLU directory: loads it, then `evaluate_questions`.
+                 batch_size: int = 8, max_len: int | None = None, predict_only: bool = False) -> dict:
+    """Accuracy on a C-Eval / CMMLU / MMLU directory: loads it, then `evaluate_questions`. With
+    predict_only, answers are neither needed nor scored: the report's "submission" holds C-Eval's
+    submission format, subject -> question id -> letter.
 
     split: the scored split; default val, else test, else dev (then a question is never its own shot).
-    style: "ceval" or "mmlu"; default mmlu when the mapping's names are ASCII, else ceval."""
+    style: "ceval" or "mmlu"; default by the questions' language (Chinese -> ceval)."""
     data_dir = Path(data_dir)
     if split is None:
         split = next((s for s in ("val", "test", "dev") if (data_dir / s).is_dir()), "val")
-    questions, skipped = load_split(data_dir, split, subjects)
-    dev = load_split(data_dir, "dev", list(questions))[0] if shots > 0 and (data_dir / "dev").is_dir() else {}
+    questions, skipped = load_split(data_dir, split, subjects, answers_required=not predict_only)
+    pool = load_shot_pool(data_dir, list(questions), shots)
     mapping = load_mapping(data_dir)
+    language = "zh" if is_chinese(q.question for qs in questions.values() for q in qs[:10]) else "en"
     if style is None:
-        names = [m["name"] for m in mapping.values()] or list(questions)
-        style = "mmlu" if all(n.isascii() for n in names) else "ceval"
-    report = evaluate_questions(params, cfg, tokenizer, questions, dev, shots=shots, mapping=mapping, style=style,
+        style = "ceval" if language == "zh" else "mmlu"
+    elif STYLES[style].language != language:
+        log.warning("%s: the questions look %s but the %s prompt is %s", data_dir, language, style,
+                    STYLES[style].language)
+    head = {"data": str(data_dir), "split": split, "data_language": language}
+    if predict_only:
+        scored = score_questions(params, cfg, tokenizer, questions, pool, shots=shots, mapping=mapping, style=style,
+                                 batch_size=batch_size, max_len=max_len)
+        submission = defaultdict(dict)
+        for p in scored.pop("predictions"):
+            submission[p["subject"]][p["id"]] = p["prediction"]
+        return {**head, **scored, "submission": dict(submission)}
+    report = evaluate_questions(params, cfg, tokenizer, questions, pool, shots=shots, mapping=mapping, style=style,
                                 batch_size=batch_size, max_len=max_len)
-    return {"data": str(data_dir), "split": split, **report, "skipped": dict(skipped)}
+    return {**head, **report, "skipped": dict(skipped)}
 
 
-def evaluate_questions(params, cfg: ModelConfig, tokenizer, questions: dict[str, list[Question]],
-                       shot_pool: dict[str, list[Question]] | None = None, *, shots: int = 5,
-                       mapping: dict[str, dict] | None = None, style: str = "ceval", batch_size: int = 8,
-                       max_len: int | None = None) -> dict:
-    """Accuracy per subject, per category and overall (micro over questions; macro over subjects too).
+def score_questions(params, cfg: ModelConfig, tokenizer, questions: dict[str, list[Question]],
+                    shot_pool: dict[str, list[Question]] | None = None, *, shots: int = 5,
+                    mapping: dict[str, dict] | None = None, style: str = "ceval", batch_size: int = 8,
+                    max_len: int | None = None) -> dict:
+    """Each question's predicted letter and option probabilities (answers are not needed), plus how the
+    prompts were built: the shots asked for, questions that got fewer (a small pool), shots dropped and
+    questions cut to fit the context.
 
     questions / shot_pool: subject -> questions (in memory; see `Question`). The first `shots` of a subject's
     pool, minus the question itself, are its shots. mapping: subject -> {"name", "category"}."""
@@ -278,54 +213,86 @@ def evaluate_questions(params, cfg: ModelConfig, tokenizer, questions: dict[str,
     option_ids = option_token_ids(tokenizer, prompt_style)
     max_len = max_len or cfg.max_seq_len
 
-    t0 = time.perf_counter()
-    flat, prompts, dropped, truncated = [], [], 0, 0
+    flat, prompts, dropped, truncated, short = [], [], 0, 0, 0
     for subject, qs in questions.items():
         name = mapping.get(subject, {}).get("name", subject.replace("_", " "))
         for q in qs:
-            if not 2 <= len(q.options) <= len(LETTERS) or q.answer not in LETTERS[:len(q.options)]:
+            if not 2 <= len(q.options) <= len(LETTERS) or (q.answer and q.answer not in LETTERS[:len(q.options)]):
                 raise ValueError(f"{q.where}: {len(q.options)} options with answer {q.answer!r}; expected 2 to "
                                  f"{len(LETTERS)} options and a letter among them")
             # A question is never its own shot (when the scored split is also the shot split).
             pool = [s for s in shot_pool.get(subject, []) if s is not q and not (s.where and s.where == q.where)]
             pool = pool[:shots]
+            short += len(pool) < shots
             ids, kept, cut = fit_prompt(tokenizer, name, pool, q, prompt_style, max_len)
             dropped += len(pool) - kept
             truncated += cut
             flat.append(q)
             prompts.append(ids)
+    if short:
+        log.warning("%d questions got fewer than %d shots: their subject's pool is smaller", short, shots)
+    t0 = time.perf_counter()
     logits = score_prompts(params, cfg, prompts, option_ids, batch_size)
     elapsed = time.perf_counter() - t0
     if dropped or truncated:
         log.info("%d shots dropped and %d questions cut to fit %d tokens", dropped, truncated, max_len)
-
-    per_subject, per_category = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
     predictions = []
     for q, row in zip(flat, logits):
         row = row[:len(q.options)]                 # a question with fewer options ignores the other letters
-        pred = LETTERS[int(np.argmax(row))]
         probs = np.exp(row - row.max())
         probs /= probs.sum()
-        ok = pred == q.answer
-        category = mapping.get(q.subject, {}).get("category", "Other")
-        for table, key in ((per_subject, q.subject), (per_category, category)):
+        predictions.append({"subject": q.subject, "id": q.id, "answer": q.answer,
+                            "prediction": LETTERS[int(np.argmax(row))],
+                            "probs": [round(float(p), 6) for p in probs], "where": q.where})
+    return {"style": style, "prompt_language": prompt_style.language, "shots": shots,
+            "questions_with_fewer_shots": short, "shots_dropped": dropped, "questions_truncated": truncated,
+            "questions": len(flat), "questions_per_s": len(flat) / elapsed if elapsed > 0 else 0.0,
+            "predictions": predictions}
+
+
+def evaluate_questions(params, cfg: ModelConfig, tokenizer, questions: dict[str, list[Question]],
+                       shot_pool: dict[str, list[Question]] | None = None, *, shots: int = 5,
+                       mapping: dict[str, dict] | None = None, style: str = "ceval", batch_size: int = 8,
+                       max_len: int | None = None) -> dict:
+    """Accuracy per subject, per category and overall (micro over questions; macro over subjects too), on
+    `score_questions`' predictions. Every question needs its answer: an unanswered one would count as wrong."""
+    mapping = mapping or {}
+    unanswered = [q.where for qs in questions.values() for q in qs if not q.answer]
+    if unanswered:
+        raise ValueError(f"{unanswered[0]}: no answer ({len(unanswered)} questions without one); accuracy needs "
+                         f"every answer; predict without scoring instead (predict_only)")
+    if not any(questions.values()):
+        raise ValueError("no questions to score")
+    scored = score_questions(params, cfg, tokenizer, questions, shot_pool, shots=shots, mapping=mapping,
+                             style=style, batch_size=batch_size, max_len=max_len)
+    per_subject, per_category = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
+    for p in scored["predictions"]:
+        ok = p["prediction"] == p["answer"]
+        category = mapping.get(p["subject"], {}).get("category", "Other")
+        for table, key in ((per_subject, p["subject"]), (per_category, category)):
             table[key][0] += ok
             table[key][1] += 1
-        predictions.append({"subject": q.subject, "id": q.id, "answer": q.answer, "prediction": pred,
-                            "probs": [round(float(p), 6) for p in probs], "where": q.where})
     subjects_out = {s: {"name": mapping.get(s, {}).get("name", s), "category": mapping.get(s, {}).get("category",
                     "Other"), **_accuracy(*per_subject[s])} for s in questions if per_subject[s][1]}
     correct = sum(v[0] for v in per_subject.values())
+    predictions = scored.pop("predictions")
     return {
-        "style": style, "shots": shots,
-        "overall": _accuracy(correct, len(flat)),
-        "macro_accuracy": float(np.mean([v["accuracy"] for v in subjects_out.values()])) if subjects_out else 0.0,
+        **scored,
+        "overall": _accuracy(correct, len(predictions)),
+        "macro_accuracy": float(np.mean([v["accuracy"] for v in subjects_out.values()])),
         "categories": {c: _accuracy(*v) for c, v in sorted(per_category.items())},
         "subjects": subjects_out,
-        "shots_dropped": dropped, "questions_truncated": truncated,
-        "questions_per_s": len(flat) / elapsed if elapsed > 0 else 0.0,
         "predictions": predictions,
     }
+
+
+def describe_prompts(report: dict) -> str:
+    """One line: how the prompts were built (shots, language, what was dropped)."""
+    text = (f"{report['shots']}-shot, {report['style']} prompt ({report['prompt_language']}), "
+            f"{report['shots_dropped']} shots dropped, {report['questions_truncated']} cut")
+    if report["questions_with_fewer_shots"]:
+        text += f", {report['questions_with_fewer_shots']} questions with fewer shots (small dev pool)"
+    return text
 
 
 def format_table(report: dict) -> str:
@@ -337,6 +304,15 @@ def format_table(report: dict) -> str:
         lines.append(f"{'[' + c + ']':<44} {'':<16} {v['total']:>5} {100 * v['accuracy']:>6.2f}%")
     o = report["overall"]
     lines.append(f"{'overall':<44} {'':<16} {o['total']:>5} {100 * o['accuracy']:>6.2f}%   "
-                 f"(macro {100 * report['macro_accuracy']:.2f}%, {report['shots']}-shot, "
-                 f"{report['shots_dropped']} shots dropped, {report['questions_truncated']} cut)")
+                 f"(macro {100 * report['macro_accuracy']:.2f}%)")
+    lines.append(f"prompts: {describe_prompts(report)}")
+    if report.get("skipped"):
+        lines.append(f"skipped rows: {report['skipped']}")
     return "\n".join(lines)
+
+
+def format_submission_summary(report: dict) -> str:
+    """What --predict_only prints: counts per subject, not a score."""
+    counts = {s: len(v) for s, v in report["submission"].items()}
+    return (f"predicted {sum(counts.values())} questions in {len(counts)} subjects of {report['data']} "
+            f"({report['split']}); not scored. Prompts: {describe_prompts(report)}")

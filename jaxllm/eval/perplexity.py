@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.eval.progress import ProgressLog
 from jaxllm.objectives.lm import token_cross_entropy
 from jaxllm.model.padding import pad_sequences
 from jaxllm.model.transformer import forward
@@ -93,14 +95,18 @@ def _batch_nll(params, tokens, segment_ids, positions, targets, mask, cfg):
 
 
 def token_nll(params, cfg: ModelConfig, ids: Sequence[int], *, window: int | None = None,
-              stride: int | None = None, batch_size: int = 8) -> tuple[float, int]:
+              stride: int | None = None, batch_size: int = 8, what: str = "perplexity") -> tuple[float, int]:
     """(total NLL in nats, targets scored) of ids[1:] given the tokens before them, by sliding window.
 
-    window defaults to the model's max_seq_len, stride to window - 1 (windows overlap by one token)."""
+    window defaults to the model's max_seq_len, stride to window - 1 (windows overlap by one token).
+    Progress is logged under `what` (a long text takes minutes)."""
     window = window or cfg.max_seq_len
     stride = stride or window - 1
     if window > cfg.max_seq_len:
         raise ValueError(f"window {window} exceeds the model's context {cfg.max_seq_len}")
+    if len(ids) < 2:
+        # One token predicts nothing: a perplexity of exp(0 / 0) = 1 would be a made-up score.
+        raise ValueError(f"{len(ids)} token(s): nothing to score (at least a context token and a target)")
     ids = np.asarray(ids, np.int32)
     spans = sliding_windows(len(ids), window, stride)
     rows = len(spans) + (-len(spans)) % batch_size        # pad to whole batches: one compiled shape
@@ -111,23 +117,34 @@ def token_nll(params, cfg: ModelConfig, ids: Sequence[int], *, window: int | Non
     for r, (begin, end, first) in enumerate(spans):
         mask[r, first - begin - 1:end - begin - 1] = 1.0   # only the targets no earlier window scored
     total = 0.0
+    progress = ProgressLog(what, len(spans), "windows", logger=log)
     for b in range(0, rows, batch_size):
         sl = slice(b, b + batch_size)
         total += float(_batch_nll(params, tokens[sl], seg[sl], pos[sl], targets[sl], mask[sl], cfg=cfg))
+        progress.update(min(b + batch_size, len(spans)))
+    progress.finish()
     scored = int(mask.sum())
     assert scored == len(ids) - 1, (scored, len(ids))       # every target exactly once
     return total, scored
 
 
 def text_perplexity(params, cfg: ModelConfig, tokenizer, text: str, *, window: int | None = None,
-                    stride: int | None = None, batch_size: int = 8) -> PerplexityResult:
-    """Scores every token of `text` (after a prepended bos) and normalises per token, character and byte."""
+                    stride: int | None = None, batch_size: int = 8, name: str = "text") -> PerplexityResult:
+    """Scores every token of `text` (after a prepended bos) and normalises per token, character and byte.
+
+    An empty (or blank) text is an error naming `name`: it has no tokens, and its "perplexity" would be 1."""
+    if not text.strip():
+        raise ValueError(f"{name}: empty text, nothing to score")
     ids = tokenizer.encode(text)
     if tokenizer.bos_id >= 0:
         ids = [tokenizer.bos_id] + ids
     else:   # without a bos the first token has no context and cannot be scored
         log.warning("tokenizer has no bos: the first token of each text is not scored")
-    nll, n = token_nll(params, cfg, ids, window=window, stride=stride, batch_size=batch_size)
+    try:
+        nll, n = token_nll(params, cfg, ids, window=window, stride=stride, batch_size=batch_size,
+                           what=f"perplexity {name}")
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     return PerplexityResult(nll, n, len(text), len(text.encode("utf-8")))
 
 
@@ -135,11 +152,11 @@ def read_text(path: str | Path, jsonl_field: str = "text", max_chars: int | None
     """A .txt file as is, or the `jsonl_field` of each line of a .jsonl file joined by blank lines."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        parts, skipped = [], 0
+        parts, skipped = [], Counter()
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
-                    skipped += 1
+                    skipped["blank lines"] += 1
                     continue
                 try:
                     value = json.loads(line)[jsonl_field]
@@ -149,12 +166,18 @@ def read_text(path: str | Path, jsonl_field: str = "text", max_chars: int | None
                     raise ValueError(f"{path}:{lineno}: no field {jsonl_field!r}") from None
                 if not isinstance(value, str):
                     raise ValueError(f"{path}:{lineno}: field {jsonl_field!r} is {type(value).__name__}, not str")
+                if not value.strip():
+                    skipped[f"empty {jsonl_field!r} fields"] += 1
+                    continue
                 parts.append(value)
         if skipped:
-            log.info("%s: skipped %d blank lines", path, skipped)
+            log.info("%s: skipped %s", path, ", ".join(f"{n} {what}" for what, n in skipped.items()))
         text = "\n\n".join(parts)
     else:
         text = path.read_text(encoding="utf-8-sig")      # -sig: a BOM is not text (botchan.txt has one)
+    if not text.strip():
+        raise ValueError(f"{path}: empty" + (f" (no non-blank {jsonl_field!r} field)" if path.suffix == ".jsonl"
+                                             else "") + ": nothing to score")
     if max_chars is not None and len(text) > max_chars:
         log.info("%s: scoring the first %d of %d characters", path, max_chars, len(text))
         text = text[:max_chars]
@@ -166,7 +189,7 @@ def evaluate_perplexity(params, cfg: ModelConfig, tokenizer, sources: Mapping[st
     """Per-source and overall metrics. sources: name -> text. The overall figures pool the NLL, tokens,
     characters and bytes of all sources (a token-weighted mean, not a mean of per-source perplexities)."""
     per_source = {name: text_perplexity(params, cfg, tokenizer, text, window=window, stride=stride,
-                                        batch_size=batch_size) for name, text in sources.items()}
+                                        batch_size=batch_size, name=name) for name, text in sources.items()}
     overall = sum(per_source.values(), PerplexityResult(0.0, 0, 0, 0))
     return {"overall": overall.to_dict(), "sources": {k: v.to_dict() for k, v in per_source.items()},
             "window": window or cfg.max_seq_len, "stride": stride or (window or cfg.max_seq_len) - 1}
