@@ -20,7 +20,7 @@ import jax
 from jaxllm import config as config_lib
 from jaxllm import distributed, sharding
 from jaxllm.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE, describe_checkpoint, load_params
-from jaxllm.config import Config, ConfigError
+from jaxllm.config import Config, ConfigError, init_checkpoint
 from jaxllm.model.resize import check_tokenizer_size, resize_vocab, resized_config, token_rows
 from jaxllm.objectives.lm import lm_documents
 from jaxllm.tokenizer import Tokenizer, train_tokenizer
@@ -41,7 +41,7 @@ class RunSetup:
 def architecture_from_init(cfg: Config) -> tuple[Config, str | None]:
     """With init_from, the architecture is the checkpoint's (its shapes must load); returns the config and
     the checkpoint's tokenizer, if it carries one."""
-    if not cfg.init_from:
+    if not init_checkpoint(cfg):
         return cfg, None
     info = describe_checkpoint(cfg.init_from)
     runtime = {f: getattr(cfg.model, f) for f in RUNTIME_FIELDS}
@@ -76,7 +76,7 @@ def fit_run_to_tokenizer(cfg: Config, tokenizer_size: int, init_tokenizer: str |
     trainable row defaults to the checkpoint's vocabulary size."""
     rows = token_rows(cfg.model)
     optim = cfg.optim
-    if cfg.init_from and tokenizer_size > rows:
+    if init_checkpoint(cfg) and tokenizer_size > rows:
         if cfg.resize_method == "none":
             check_tokenizer_size(tokenizer_size, cfg.model, cfg.init_from)        # raises, naming both sizes
         if cfg.resize_method == "subword_mean" and not init_tokenizer:
@@ -88,7 +88,7 @@ def fit_run_to_tokenizer(cfg: Config, tokenizer_size: int, init_tokenizer: str |
         if optim.trainable == "new_rows" and not optim.new_rows_from:
             optim = dataclasses.replace(optim, new_rows_from=rows)
         cfg = dataclasses.replace(cfg, model=model, optim=optim)
-    elif cfg.init_from and tokenizer_size < rows:
+    elif init_checkpoint(cfg) and tokenizer_size < rows:
         logging.warning("the tokenizer has %d pieces, fewer than the %d vocabulary rows of %s: the rows it never "
                         "produces stay untrained", tokenizer_size, rows, cfg.init_from)
     if optim.trainable == "new_rows" and not optim.new_rows_from:
@@ -134,7 +134,7 @@ def load_init_params(setup: RunSetup) -> dict | None:
     """init_from's parameters, grown by `resize_vocab` when the run's tokenizer is larger than the checkpoint;
     None without init_from (the trainer initialises from the objective's specs)."""
     cfg, tokenizer = setup.cfg, setup.tokenizer
-    if not cfg.init_from:
+    if not init_checkpoint(cfg):
         return None
     params, init_model, _ = load_params(cfg.init_from)
     if token_rows(init_model) < tokenizer.vocab_size:

@@ -76,6 +76,10 @@ def test_config_has_every_dataclass_field_and_states_what_differs(path, tmp_path
         unstated = {k: v for k, v in values.items() if v != defaults[k] and k not in stated | preset}
         assert not unstated, f"{spec}: fields differ from the dataclass default without being stated: {unstated}"
         config.workdir = str(tmp_path)
+        if config.objective != "lm":    # post-training refuses to start without a model (or "scratch", said)
+            with pytest.raises(ConfigError, match="init_from=scratch"):
+                from_config_dict(config)
+            config.init_from = "scratch"
         from_config_dict(config)                                    # and it validates
 
 

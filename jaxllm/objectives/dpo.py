@@ -8,7 +8,6 @@ twice the forward work per step and a second copy of the weights in memory).
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +15,9 @@ import numpy as np
 
 from jaxllm import steps
 from jaxllm.checkpoint import load_params
-from jaxllm.config import Config, ConfigError, ModelConfig
+from jaxllm.config import Config, ConfigError, ModelConfig, init_checkpoint
 from jaxllm.data.chat_pipeline import encoded_pairs_of_run, pair_batch, preference_pipelines
+from jaxllm.eval.progress import ProgressLog
 from jaxllm.model.heads import pair_logprobs
 from jaxllm.model.spec import param_specs
 from jaxllm.objectives import Objective
@@ -76,20 +76,24 @@ def dpo_report(sums: dict) -> dict:
 def attach_reference_logprobs(pairs: list[dict], reference, model_cfg: ModelConfig, seq_len: int,
                               batch_size: int) -> None:
     """Computes the reference model's (chosen, rejected) log-probabilities once, into each encoded pair's
-    per-pair arrays (REFERENCE_LOGPROBS), which the preference pipeline carries into every batch."""
+    per-pair arrays (REFERENCE_LOGPROBS), which the preference pipeline carries into every batch. A long
+    pass: a progress line per interval (pairs done, rate, time left)."""
     logprobs = jax.jit(functools.partial(pair_logprobs, cfg=model_cfg))
+    progress = ProgressLog("DPO reference log-probabilities", len(pairs), "pairs")
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         values = np.asarray(jax.device_get(logprobs(reference, pair_batch(chunk, seq_len))))   # (chunk, 2)
         for pair, value in zip(chunk, values):
             pair.setdefault("arrays", {})[REFERENCE_LOGPROBS] = value.tolist()
-    logging.info("reference log-probabilities cached for %d pairs", len(pairs))
+        progress.update(start + len(chunk))
+    progress.finish()
 
 
 def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: int, process_count: int) -> Objective:
     """DPO from init_from (the SFT model), which is also the frozen reference."""
-    if not cfg.init_from:
-        raise ConfigError("objective 'dpo' needs init_from (the SFT model, which is also the reference)")
+    if not init_checkpoint(cfg):
+        raise ConfigError(f"objective 'dpo' needs init_from (the SFT model, which is also the frozen reference), "
+                          f"got {cfg.init_from!r}: DPO from random weights has no reference to stay near")
     train_pairs, eval_pairs = encoded_pairs_of_run(cfg, tokenizer)
     reference, _, _ = load_params(cfg.init_from)
     reference = {k: v for k, v in reference.items() if k != "reward_head"}
