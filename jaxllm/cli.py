@@ -33,6 +33,18 @@ COMMANDS = {
 }
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` that ends each flag's line with its default, as every jaxllm command shows them (pass it as
+    formatter_class to each parser and sub-parser: argparse does not hand it down). Flags without a default
+    (required ones, None) and help that already states its default get nothing added."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, argparse.SUPPRESS) or "(default" in text:
+            return text
+        return text + (" (default: %(default)r)" if isinstance(action.default, str) else " (default: %(default)s)")
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         force=True)
@@ -146,12 +158,15 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_convert(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm convert", description="Hugging Face <-> jaxllm checkpoints")
+    parser = argparse.ArgumentParser(prog="jaxllm convert", description="Hugging Face <-> jaxllm checkpoints",
+                                     formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="direction", required=True)
-    p = sub.add_parser("from-hf", help="Hugging Face Llama (config.json + safetensors) -> jaxllm checkpoint")
+    p = sub.add_parser("from-hf", help="Hugging Face Llama (config.json + safetensors) -> jaxllm checkpoint",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors")
     p.add_argument("--out", required=True, help="jaxllm checkpoint directory to write")
-    p = sub.add_parser("to-hf", help="jaxllm checkpoint -> Hugging Face Llama directory")
+    p = sub.add_parser("to-hf", help="jaxllm checkpoint -> Hugging Face Llama directory",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run workdir, step directory or converted checkpoint")
     p.add_argument("--out", required=True, help="Hugging Face directory to write")
     args = parser.parse_args(argv)
@@ -162,7 +177,8 @@ def cmd_convert(argv: list[str]) -> int:
 
 
 def cmd_quickstart(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm quickstart", description=COMMANDS["quickstart"][1])
+    parser = argparse.ArgumentParser(prog="jaxllm quickstart", description=COMMANDS["quickstart"][1],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--workdir", default="runs/quickstart", help="where the run writes everything")
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--vocab_size", type=int, default=8000, help="tokenizer vocabulary")
@@ -190,11 +206,24 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _setup_logging()
-    from jaxllm.config import ConfigError
     module, function = COMMANDS[command][0].split(":")
     try:
         return getattr(importlib.import_module(module), function)(rest)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except user_errors() as e:
         # A user error: say what and where, without a traceback from deep inside JAX.
         print(f"jaxllm {command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        # Ctrl-C: one line (train's says where it saved), exit status 130 as a shell gives an interrupted command.
+        print(f"jaxllm {command}: {e or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        return 130
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The one rule for every command: these exceptions are the user's input or environment (a bad value or
+    file, an endpoint that refuses), and their messages name the file, field or URL at fault, so the command
+    prints that line and exits 1. Anything else is a bug and keeps its traceback."""
+    from jaxllm.config import ConfigError
+    from jaxllm.eval.client import ClientError   # standard library only: cheap to import
+
+    return ConfigError, ValueError, OSError, ClientError

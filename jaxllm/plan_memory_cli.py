@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxllm.cli import DefaultsHelpFormatter
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="jaxllm plan-memory", description="bytes per device (params, optimizer state, gradients, "
-        "activations) of a training config on its mesh, without allocating; --config.* overrides as in train")
+        "activations) of a training config on its mesh, without allocating; --config.* overrides as in train",
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--devices", type=int, default=None,
                         help="devices in the mesh (fills a -1 mesh size); default: the mesh's explicit sizes")
     parser.add_argument("--chip", default=None,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from jaxllm.cli import DefaultsHelpFormatter
+
 PLAN_FLAGS = ("--tokenizer", "--sample", "--tokens", "--warn_epochs")
 
 
@@ -14,7 +16,8 @@ def _number(text: str) -> float:
 
 def cmd_plan(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm data plan", description="the mixture table of a config: source, "
-                                     "tokens, weight, epochs over the run")
+                                     "tokens, weight, epochs over the run",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--tokenizer", default="", help="tokenizer to count text with (default: the config's)")
     parser.add_argument("--sample", type=int, default=1000, help="documents tokenised per large text source")
     parser.add_argument("--tokens", type=_number, default=None,
@@ -40,7 +43,8 @@ def cmd_plan(argv: list[str]) -> int:
 
 def cmd_prepare(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm data prepare", description="tokenise once into ArrayRecord "
-                                     "shards of token ids (resumable)")
+                                     "shards of token ids (resumable)",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--input", action="append", required=True, help="source spec (repeatable): file, dir, "
                         "glob, builtin:NAME, tfds:NAME:SPLIT")
     parser.add_argument("--tokenizer", required=True, help="SentencePiece .model (or a directory holding one)")
@@ -65,7 +69,8 @@ def cmd_prepare(argv: list[str]) -> int:
 
 def cmd_clean(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm data clean", description="quality filters, exact and near "
-                                     "dedup, report; unknown flags go to the Beam runner as pipeline options")
+                                     "dedup, report; unknown flags go to the Beam runner as pipeline options",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--input", action="append", required=True, help="source spec (repeatable)")
     parser.add_argument("--out", required=True, help="output directory: clean-*.jsonl and report.json")
     parser.add_argument("--lang", default="any", help="keep only this script-detected language (zh, en, ja, ...)")

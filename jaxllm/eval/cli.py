@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from jaxllm.cli import DefaultsHelpFormatter
+
 
 def _write(report: dict, out: str | None, checkpoint: str | None, name: str) -> None:
     """Writes the JSON report to --out, or to <workdir>/eval/<name>.json when the checkpoint is a run workdir."""
@@ -26,10 +28,12 @@ def _add_model_flags(p) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm eval", description="evaluate a checkpoint")
+    parser = argparse.ArgumentParser(prog="jaxllm eval", description="evaluate a checkpoint",
+                                     formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
 
-    p = sub.add_parser("ppl", help="perplexity, bits per token / character / byte of text files")
+    p = sub.add_parser("ppl", help="perplexity, bits per token / character / byte of text files",
+                       formatter_class=DefaultsHelpFormatter)
     _add_model_flags(p)
     p.add_argument("--text", action="append", required=True, help=".txt or .jsonl file; repeat for a per-source table")
     p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's max_seq_len)")
@@ -39,7 +43,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--jsonl_field", default="text", help="text field of .jsonl files")
     p.add_argument("--out", default=None, help="JSON report path (default: <workdir>/eval/ppl.json for a workdir)")
 
-    p = sub.add_parser("mcq", help="k-shot multiple-choice accuracy (C-Eval / CMMLU / MMLU CSV layouts)")
+    p = sub.add_parser("mcq", help="k-shot multiple-choice accuracy (C-Eval / CMMLU / MMLU CSV layouts)",
+                       formatter_class=DefaultsHelpFormatter)
     _add_model_flags(p)
     p.add_argument("--data", required=True, help="directory with dev/ and val/ or test/ CSVs (+ subject_mapping.json)")
     p.add_argument("--shots", type=int, default=5, help="solved dev questions in each prompt (needs <data>/dev; "
@@ -56,7 +61,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="JSON report path (default: <workdir>/eval/mcq.json for a workdir); "
                    "with --predict_only the submission file (default: <workdir>/eval/mcq_submission.json)")
 
-    p = sub.add_parser("judge", help="pairwise LLM-as-judge of two answer files")
+    p = sub.add_parser("judge", help="pairwise LLM-as-judge of two answer files",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--questions", required=True, help="BELLE eval_set.json or FastChat question.jsonl")
     p.add_argument("--answers_a", required=True, help="JSON Lines answers of model A")
     p.add_argument("--answers_b", required=True, help="JSON Lines answers of model B")
@@ -114,7 +120,8 @@ def main(argv: list[str]) -> int:
 
 
 def generate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm generate", description="sample continuations from a checkpoint")
+    parser = argparse.ArgumentParser(prog="jaxllm generate", description="sample continuations from a checkpoint",
+                                     formatter_class=DefaultsHelpFormatter)
     _add_model_flags(parser)
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate per prompt")

@@ -155,10 +155,17 @@ def run_judge(questions: list[dict], answers_a: dict[str, str], answers_b: dict[
     missing = [q["id"] for q in questions if q["id"] not in answers_a or q["id"] not in answers_b]
     if missing:
         log.warning("%d questions lack an answer from A or B and are skipped (first: %s)", len(missing), missing[:5])
+    if not questions:
+        raise ValueError("no questions to judge (an empty questions file, or --max_questions=0)")
+    if len(missing) == len(questions):
+        raise ValueError(f"none of the {len(questions)} questions has an answer from both A and B (question ids "
+                         f"{', '.join(q['id'] for q in questions[:5])}, ...): do the answer files' question_id / id "
+                         f"(or line order) match the questions?")
     todo = [(q, order) for q in questions if q["id"] not in missing for order in ORDERS if (q["id"], order) not in done]
     log.info("judging %d calls (%d already in %s)", len(todo), len(done), path)
     lock = threading.Lock()
     failures = Counter()
+    last_error = []
 
     def one(q: dict, order: str) -> None:
         first, second = (answers_a, answers_b) if order == "ab" else (answers_b, answers_a)
@@ -169,6 +176,7 @@ def run_judge(questions: list[dict], answers_a: dict[str, str], answers_b: dict[
             log.error("question %s order %s: %s", q["id"], order, e)
             with lock:
                 failures[str(e.status or "network")] += 1
+                last_error[:] = [e]
             return
         scores = parse_scores(text)
         record = {"question_id": q["id"], "category": q["category"], "order": order, "judgement": text,
@@ -179,6 +187,15 @@ def run_judge(questions: list[dict], answers_a: dict[str, str], answers_b: dict[
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         for fut in [pool.submit(one, q, order) for q, order in todo]:
             fut.result()
+    failed = sum(failures.values())
+    if todo and failed == len(todo):
+        # No score can be reported, and no summary is written: a rerun after fixing the endpoint starts clean.
+        counts = ", ".join(f"{n} x {status}" for status, n in failures.most_common())
+        raise ClientError(f"all {failed} judge calls failed ({counts}); last: {last_error[0]}; nothing was written "
+                          f"to {out}", last_error[0].status)
+    if failed:
+        log.warning("%d of %d judge calls failed (%s); the summary leaves those pairs out: rerun to retry them",
+                    failed, len(todo), dict(failures))
     summary = aggregate(read_judgements(path))
     summary["failed_calls"] = dict(failures)
     summary["skipped_questions"] = len(missing)
@@ -232,4 +249,8 @@ def format_table(summary: dict) -> str:
                          f"{c['win']:>5} {c['tie']:>5} {c['loss']:>5}")
     lines.append(f"position flip rate {summary['position_flip_rate']:.3f} over {summary['pairs_judged_in_both_orders']}"
                  f" pairs; {summary['unparseable_judgements']} of {summary['judgements']} judgements unparseable")
+    failed = sum(summary.get("failed_calls", {}).values())
+    if failed:
+        lines.append(f"INCOMPLETE: {failed} judge calls failed ({summary['failed_calls']}); rerun the same command "
+                     f"to judge only those")
     return "\n".join(lines)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from jaxllm.cli import DefaultsHelpFormatter
 
 
 def _default_prompt(seed_tasks: str) -> str:
@@ -16,9 +17,11 @@ def _default_prompt(seed_tasks: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm instruct", description="instruction data generation")
+    parser = argparse.ArgumentParser(prog="jaxllm instruct", description="instruction data generation",
+                                     formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("generate", help="self-instruct: seed tasks -> teacher -> filtered Alpaca-format JSONL")
+    p = sub.add_parser("generate", help="self-instruct: seed tasks -> teacher -> filtered Alpaca-format JSONL",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--seed_tasks", required=True, help="Alpaca seed_tasks.jsonl or BELLE zh_seed_tasks.json")
     p.add_argument("--prompt_file", default=None, help="generation prompt (default: prompt*.txt beside the seeds)")
     p.add_argument("--teacher_url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
@@ -33,18 +36,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="teacher sampling temperature")
     p.add_argument("--max_tokens", type=int, default=3072, help="teacher reply length limit")
     args = parser.parse_args(argv)
-    from jaxllm.eval.client import ChatClient, ClientError
+    from jaxllm.eval.client import ChatClient
     from jaxllm.instruct import self_instruct as si
     seeds = si.load_seed_tasks(args.seed_tasks)
     prompt = si.load_prompt(args.prompt_file or _default_prompt(args.seed_tasks))
     client = ChatClient(args.teacher_url, args.teacher_model, api_key_env=args.api_key_env)
-    try:
-        stats = si.generate_instructions(seeds, prompt, client, args.out, num=args.num, lang=args.lang, k=args.k,
-                                         seed=args.seed, max_requests=args.max_requests,
-                                         temperature=args.temperature, max_tokens=args.max_tokens)
-    except ClientError as e:   # the teacher kept failing: say why, without a traceback
-        print(f"jaxllm instruct generate: error: {e}", file=sys.stderr)
-        return 1
+    # A teacher that keeps failing raises ClientError: jaxllm.cli.main prints it in one line and exits 1.
+    stats = si.generate_instructions(seeds, prompt, client, args.out, num=args.num, lang=args.lang, k=args.k,
+                                     seed=args.seed, max_requests=args.max_requests, temperature=args.temperature,
+                                     max_tokens=args.max_tokens)
     print(f"kept {stats['kept']} records after {stats['requests']} requests in {stats['out']}; "
           f"dropped: {stats['dropped']}")
     return 0

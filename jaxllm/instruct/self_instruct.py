@@ -231,12 +231,14 @@ def generate_instructions(seed_tasks: list[dict], base_prompt: str, client, out_
     max_requests = max_requests if max_requests is not None else 10 * num
     if kept:
         log.info("resuming: %d records kept after %d requests", len(kept), state["requests"])
-    consecutive_errors = 0
+    consecutive_errors = requests_now = errors_now = 0
+    last_error = None
     with out.open("a", encoding="utf-8") as f:
         while len(kept) < num and state["requests"] < max_requests:
             rng = random.Random(seed * 1_000_003 + state["requests"])
             tasks = rng.sample(seed_tasks, min(k, len(seed_tasks)))
             prompt = encode_prompt(base_prompt, tasks, language)
+            requests_now += 1
             try:
                 text, finish = client.complete([{"role": "user", "content": prompt}], temperature=temperature,
                                                max_tokens=max_tokens, top_p=1.0)
@@ -245,6 +247,8 @@ def generate_instructions(seed_tasks: list[dict], base_prompt: str, client, out_
                 # One refused request (say, a prompt over the teacher's context) is counted and the next one,
                 # with other seed tasks, tried; a teacher that keeps failing stops the run.
                 consecutive_errors += 1
+                errors_now += 1
+                last_error = e
                 if consecutive_errors >= 5:
                     raise ClientError(f"teacher failed 5 requests in a row; last: {e}", e.status) from None
                 log.warning("request %d: %s", state["requests"], e)
@@ -267,6 +271,8 @@ def generate_instructions(seed_tasks: list[dict], base_prompt: str, client, out_
             f.flush()
             state = {"requests": state["requests"] + 1, "dropped": dict(dropped)}
             state_path.write_text(json.dumps(state))
+    if requests_now and errors_now == requests_now:   # fewer than five, all failed: not a result to report
+        raise ClientError(f"all {requests_now} requests to the teacher failed; last: {last_error}", last_error.status)
     stats = {"kept": len(kept), "requests": state["requests"], "dropped": dict(dropped), "language": language.name,
              "out": str(out)}
     log.info("self-instruct: %s", stats)

@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from jaxllm.cli import DefaultsHelpFormatter
+
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm serve", description="OpenAI-compatible HTTP server over a checkpoint")
+    parser = argparse.ArgumentParser(prog="jaxllm serve", description="OpenAI-compatible HTTP server over a checkpoint",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run workdir, step dir, converted or Hugging Face dir")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the checkpoint's)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from jaxllm.cli import DefaultsHelpFormatter
+
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm tokenizer", description="SentencePiece tokenizers")
+    parser = argparse.ArgumentParser(prog="jaxllm tokenizer", description="SentencePiece tokenizers",
+                                     formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("train", help="train a SentencePiece BPE model with byte fallback")
+    p = sub.add_parser("train", help="train a SentencePiece BPE model with byte fallback",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--input", action="append", required=True,
                    help="text file, directory, glob, .jsonl or builtin:NAME; repeat for several")
     p.add_argument("--out", required=True, help="output directory (tokenizer.model, tokenizer.vocab)")
@@ -35,7 +39,8 @@ def main(argv: list[str]) -> int:
 
 def _add_vocabulary_parsers(sub) -> None:
     """expand / stats / show (vocabulary expansion, issue 3)."""
-    p = sub.add_parser("expand", help="merge another SentencePiece model's pieces or a word list into a base model")
+    p = sub.add_parser("expand", help="merge another SentencePiece model's pieces or a word list into a base model",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--base", required=True, help="base tokenizer.model (or its directory); its ids stay unchanged")
     p.add_argument("--add", action="append", default=[], help="SentencePiece model whose new pieces are appended; "
                    "repeat for several")
@@ -44,13 +49,15 @@ def _add_vocabulary_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (tokenizer.model + Hugging Face tokenizer files)")
     p.add_argument("--skip_ascii_pieces", action="store_true", help="add only pieces with a non-ASCII character, "
                    "so pure-ASCII text (English, code, numbers) encodes exactly as with the base")
-    p = sub.add_parser("stats", help="tokens per character / byte / word, byte fallback, unknowns, round trip")
+    p = sub.add_parser("stats", help="tokens per character / byte / word, byte fallback, unknowns, round trip",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--tokenizer", action="append", required=True, help="tokenizer.model or directory; repeat")
     p.add_argument("--text", action="append", required=True, help="text file, directory, glob, .jsonl or "
                    "builtin:NAME (a document per line); repeat")
     p.add_argument("--jsonl_field", default="text", help="text field of .jsonl inputs")
     p.add_argument("--json", default="", help="also write the results as JSON to this file ('-' = stdout)")
-    p = sub.add_parser("show", help="print each token of a text with its id, marking byte-fallback pieces")
+    p = sub.add_parser("show", help="print each token of a text with its id, marking byte-fallback pieces",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--tokenizer", action="append", required=True, help="tokenizer.model or directory; repeat "
                    "to compare")
     p.add_argument("text", help="the text to tokenize")
