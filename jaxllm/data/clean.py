@@ -5,7 +5,8 @@
 Output: `out/clean-00000-of-0000N.jsonl` ({"id": [file, index], "text": ...} per line; training and
 `prepare` read the `text` field) and `out/report.json`: documents and bytes in and out, and per filter and
 per dedup stage the documents and bytes removed with examples (the three smallest ids, so every runner
-picks the same ones).
+picks the same ones); the input files that gave no text (empty, not UTF-8, not records: skipped, with the
+error) and the malformed records skipped inside the others, by reason. `strict` aborts on either instead.
 
 Two runners share every per-document function, so they give the same documents and the same report:
   * "local" (default): plain Python in this process, for what fits on one machine;
@@ -18,6 +19,7 @@ Document ids are (input file index, document index in that file), files in sorte
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -27,7 +29,9 @@ from typing import Iterable, Sequence
 
 from jaxllm.data import dedup
 from jaxllm.data.filters import FilterConfig, first_failure
+from jaxllm.data.formats import RecordError
 from jaxllm.data.sources import open_source, source_files
+from jaxllm.eval.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 EXAMPLES = 3
@@ -44,6 +48,7 @@ class CleanOptions:
     skip_filters: tuple = ()        # filter names not applied (e.g. ("terminal_punct",))
     jsonl_field: str = "text"
     text_split: str = "line"
+    strict: bool = False            # an unreadable file or malformed record aborts; else skipped and counted
 
 
 def input_files(inputs: Sequence[str]) -> list[str]:
@@ -54,11 +59,33 @@ def input_files(inputs: Sequence[str]) -> list[str]:
     return files
 
 
-def read_file(item: tuple[int, str], opts: CleanOptions) -> Iterable[tuple[tuple, str]]:
+def read_file(item: tuple[int, str], opts: CleanOptions) -> tuple[list[tuple[tuple, str]], dict]:
+    """One input file -> (its documents [(id, text)], what reading it left out: {"file", "skipped": {reason:
+    records}} or, for a file that gives no text (empty, not UTF-8, not records), {"file", "unreadable": reason,
+    "error"}). With opts.strict both raise instead, naming the file and line."""
     index, path = item
-    source = open_source(path, jsonl_field=opts.jsonl_field, text_split=opts.text_split)
-    for i in range(len(source)):
-        yield (index, i), source.records[i]
+    try:
+        source = open_source(path, jsonl_field=opts.jsonl_field, text_split=opts.text_split,
+                             on_error="raise" if opts.strict else "skip")
+    except (RecordError, OSError) as e:
+        if opts.strict:
+            raise
+        reason = e.reason if isinstance(e, RecordError) else type(e).__name__
+        return [], {"file": path, "unreadable": reason, "error": str(e)}
+    return [((index, i), source.records[i]) for i in range(len(source))], {"file": path, "skipped": source.skipped}
+
+
+def summarize_files(infos: Iterable[dict]) -> dict:
+    """What reading left out, for the report: the unreadable files (sorted, with the error) and the records
+    skipped inside readable ones, by reason."""
+    unreadable, records = [], collections.Counter()
+    for info in infos:
+        if "unreadable" in info:
+            unreadable.append({"file": info["file"], "reason": info["unreadable"], "error": info["error"]})
+        else:
+            records.update({k: v for k, v in info["skipped"].items() if k != "empty"})
+    return {"unreadable_files": sorted(unreadable, key=lambda u: u["file"]),
+            "skipped_records": dict(sorted(records.items()))}
 
 
 def apply_filters(doc: tuple[tuple, str], opts: CleanOptions):
@@ -109,6 +136,8 @@ def clean_local(docs: Iterable[tuple[tuple, str]], opts: CleanOptions) -> tuple[
         for doc_id, text in group[1:]:
             removed.setdefault("exact_dup", []).append((utf8_size(text), example(doc_id, text, "same normalised text",
                                                                               group[0][0])))
+    log.info("clean: %d documents passed the filters, %d after exact dedup; near-duplicate search", len(passed),
+             len(unique))
     near = dedup.near_duplicates(dict(unique), threshold=opts.threshold, num_perm=opts.num_perm, k=opts.shingle)
     kept = []
     for doc_id, text in sorted(unique):
@@ -151,7 +180,9 @@ def clean(inputs: Sequence[str], out: str, opts: CleanOptions = CleanOptions(), 
     files = input_files(inputs)
     t0 = time.time()
     if runner == "local":
-        kept, report = clean_local((d for item in enumerate(files) for d in read_file(item, opts)), opts)
+        infos = []
+        kept, report = clean_local(_read_all(files, opts, infos), opts)
+        report.update(summarize_files(infos))
         write_output(kept, out)
     else:
         from jaxllm.data.clean_beam import clean_beam
@@ -161,6 +192,18 @@ def clean(inputs: Sequence[str], out: str, opts: CleanOptions = CleanOptions(), 
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, ensure_ascii=False, indent=1)
     return report
+
+
+def _read_all(files: Sequence[str], opts: CleanOptions, infos: list) -> Iterable[tuple[tuple, str]]:
+    """The documents of every file, in order; what each file left out goes to `infos`. A progress line per
+    interval (files read), since reading and filtering a large corpus takes minutes."""
+    progress = ProgressLog("clean: read and filter", len(files), "files", logger=log)
+    for item in enumerate(files):
+        docs, info = read_file(item, opts)
+        infos.append(info)
+        yield from docs
+        progress.update(item[0] + 1)
+    progress.finish()
 
 
 def _jsonable(opts: CleanOptions) -> dict:
@@ -174,4 +217,12 @@ def format_report(report: dict) -> str:
         lines.append(f"  removed by {name:<17} {r['docs']:>8,} documents {r['bytes']:>12,} bytes")
         for ex in r["examples"][:1]:
             lines.append(f"      e.g. {ex['id']} ({ex['why']}): {ex['text'][:80]!r}")
+    unreadable = report.get("unreadable_files", [])
+    if unreadable:
+        reasons = collections.Counter(u["reason"] for u in unreadable)
+        lines.append(f"unreadable files skipped: {len(unreadable)} ({', '.join(f'{n} {r}' for r, n in reasons.items())}"
+                     f"; --strict aborts instead)")
+        lines += [f"      {u['error']}" for u in unreadable[:3]]
+    for reason, n in report.get("skipped_records", {}).items():
+        lines.append(f"  records skipped: {n:,} {reason}")
     return "\n".join(lines)

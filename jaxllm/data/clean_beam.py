@@ -5,6 +5,7 @@
                                         ─MinHash, band keys─GroupByKey─▶ candidate pairs  │
                                         ─join both shingle sets─▶ confirmed (a < b) ─────┤ near_dup (b)
                                         ─CoGroupByKey with the documents─▶ kept ──────────┴▶ report
+      └▶ (tagged "files") what each file left out: unreadable files, skipped records ─────────▶ report
 Kept documents are written as `clean-*.jsonl` shards by WriteToText; the report pieces are combined into
 one JSON file, which `clean` turns into report.json.
 """
@@ -41,6 +42,14 @@ class _Signer:
         sh = dedup.shingles(doc[1], self.opts.shingle)
         bands, rows = dedup.choose_bands(self.opts.num_perm, self.opts.threshold)
         return doc[0], sh, dedup.band_keys(self._hasher.signature(sh), bands, rows)
+
+
+def _read(item, opts):
+    """One file's documents, then what reading it left out (tagged "files", for the report)."""
+    import apache_beam as beam
+    docs, info = clean_lib.read_file(item, opts)
+    yield from docs
+    yield beam.pvalue.TaggedOutput("files", info)
 
 
 def _pairs(kv):
@@ -97,6 +106,8 @@ def _assemble(pieces) -> str:
     for kind, value in pieces:
         if kind == "removed":
             report["removed"][value[0]] = value[1]
+        elif kind == "files":
+            report.update(value)
         else:
             report[f"docs_{kind}"], report[f"bytes_{kind}"] = value
     report["removed"] = dict(sorted(report["removed"].items()))
@@ -118,8 +129,9 @@ def clean_beam(files: Sequence[str], out: str, opts, runner: str, pipeline_args:
             os.remove(os.path.join(out, name))
     options = PipelineOptions(list(pipeline_args), runner=runner)
     with beam.Pipeline(options=options) as p:
-        docs = (p | "files" >> beam.Create(list(enumerate(files)))
-                | "read" >> beam.FlatMap(clean_lib.read_file, opts) | "spread" >> beam.Reshuffle())
+        read = (p | "files" >> beam.Create(list(enumerate(files)))
+                | "read" >> beam.FlatMap(_read, opts).with_outputs("files", main="docs"))
+        docs = read.docs | "spread" >> beam.Reshuffle()
         checked = docs | "filter" >> beam.Map(clean_lib.apply_filters, opts)
         filtered = (checked | "failed" >> beam.Filter(lambda d: d[2] is not None)
                     | "filter examples" >> beam.Map(lambda d: (d[2][0], (clean_lib.utf8_size(d[1]),
@@ -149,7 +161,10 @@ def clean_beam(files: Sequence[str], out: str, opts, runner: str, pipeline_args:
                    | "total in" >> beam.CombineGlobally(_add_pairs) | beam.Map(lambda x: ("in", x)))
         size_out = (kept | "bytes out" >> beam.Map(lambda d: (1, clean_lib.utf8_size(d[1])))
                     | "total out" >> beam.CombineGlobally(_add_pairs) | beam.Map(lambda x: ("out", x)))
-        ((removed, size_in, size_out) | "report pieces" >> beam.Flatten() | "gather" >> beam.combiners.ToList()
+        read_report = (read.files | "file infos" >> beam.combiners.ToList()
+                       | "files report" >> beam.Map(lambda infos: ("files", clean_lib.summarize_files(infos))))
+        ((removed, size_in, size_out, read_report) | "report pieces" >> beam.Flatten()
+         | "gather" >> beam.combiners.ToList()
          | "assemble" >> beam.Map(_assemble)
          | "write report" >> beam.io.WriteToText(os.path.join(out, _REPORT_FILE), shard_name_template="",
                                                  num_shards=1))

@@ -52,7 +52,8 @@ def cmd_prepare(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=0, help="processes; 0 = one per CPU")
     parser.add_argument("--docs_per_shard", type=int, default=50_000, help="documents per shard of a built-in, "
                         "TFDS or ArrayRecord source (files are one shard each)")
-    parser.add_argument("--jsonl_field", default="text", help="text field of .jsonl / .parquet / TFDS records")
+    parser.add_argument("--jsonl_field", default="text", help="text field of .jsonl / .json / .parquet / TFDS "
+                        "records (a list of lines, as chinese-poetry's paragraphs, is joined with newlines)")
     parser.add_argument("--text_split", default="line", choices=("line", "paragraph", "file"),
                         help="documents of .txt files")
     parser.add_argument("--on_error", default="raise", choices=("raise", "skip"), help="a malformed record")
@@ -81,9 +82,12 @@ def cmd_clean(argv: list[str]) -> int:
     parser.add_argument("--shingle", type=int, default=5, help="words (Latin) or characters (CJK) per shingle")
     parser.add_argument("--skip_filters", default="", help="comma-separated filter names not to apply")
     parser.add_argument("--min_units", type=int, default=50, help="shortest document, in words / CJK characters")
-    parser.add_argument("--jsonl_field", default="text", help="text field of .jsonl / .parquet records")
+    parser.add_argument("--jsonl_field", default="text", help="text field of .jsonl / .json / .parquet records (a "
+                        "list of lines, as chinese-poetry's paragraphs, is joined with newlines)")
     parser.add_argument("--text_split", default="line", choices=("line", "paragraph", "file"),
                         help="documents of .txt files")
+    parser.add_argument("--strict", action="store_true", help="abort on an unreadable file (empty, not UTF-8, not "
+                        "records) or a malformed record; default: skip and count them in the report")
     args, beam_args = parser.parse_known_args(argv)
     if args.runner == "local" and beam_args:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
@@ -95,7 +99,7 @@ def cmd_clean(argv: list[str]) -> int:
         parser.error(f"unknown filter(s) {unknown}; known: {', '.join(FILTERS)}")
     opts = CleanOptions(lang=args.lang, threshold=args.threshold, num_perm=args.num_perm, shingle=args.shingle,
                         filters=FilterConfig(min_units=args.min_units), skip_filters=skip,
-                        jsonl_field=args.jsonl_field, text_split=args.text_split)
+                        jsonl_field=args.jsonl_field, text_split=args.text_split, strict=args.strict)
     report = clean(args.input, args.out, opts, runner=args.runner, pipeline_args=beam_args)
     print(format_report(report))
     return 0

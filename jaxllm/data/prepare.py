@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxllm.data import records as records_lib
 from jaxllm.data.sources import open_source, source_files
+from jaxllm.eval.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ def _write_shard(task: dict) -> dict:
     tmp = path + ".tmp"
     writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")   # Grain reads group size 1 fastest
     n_docs = n_tokens = too_long = 0
+    # Seen when the shard is built in the main process (one shard left: often one large file).
+    progress = ProgressLog(f"prepare {_shard_name(k)}", stop - task["start"], "documents", logger=log)
     for a in range(task["start"], stop, 1000):   # batches for sentencepiece's threaded encoder
         texts = [source.records[i] for i in range(a, min(a + 1000, stop))]
         limit = opts["max_doc_chars"]
@@ -79,6 +82,7 @@ def _write_shard(task: dict) -> dict:
         for ids in tokenizer.encode_batch(kept):
             writer.write(np.asarray(ids, "<i4").tobytes())
             n_docs, n_tokens = n_docs + 1, n_tokens + len(ids)
+        progress.update(a + len(texts) - task["start"])
     writer.close()
     os.replace(tmp, path)
     info = {"file": _shard_name(k), "input": task["input"], "start": task["start"], "stop": stop,
@@ -162,14 +166,18 @@ def prepare(inputs: Sequence[str], tokenizer_path: str, out: str, *, workers: in
         os.remove(manifest_path)   # the directory is incomplete until every shard is rebuilt
     t0 = time.time()
     n_workers = min(workers or os.cpu_count() or 1, len(todo))
+    progress = ProgressLog(f"prepare {out}", len(todo), "shards", logger=log)
     if n_workers > 1:
         # spawn, not fork: the parent may hold threads (Grain, JAX) that a forked child would inherit locked.
         with multiprocessing.get_context("spawn").Pool(n_workers) as pool:
-            for k, info in pool.imap_unordered(_build, todo):
+            for n, (k, info) in enumerate(pool.imap_unordered(_build, todo), 1):
                 done[k] = info
+                progress.update(n)
     else:
-        for task in todo:
+        for n, task in enumerate(todo, 1):
             done[task["index"]] = _write_shard(task)
+            progress.update(n)
+    progress.finish()
     ordered = [done[k] for k in range(len(shards))]
     manifest = {"tokenizer": records_lib.tokenizer_identity(tokenizer), "inputs": list(inputs), "options": options,
                 "documents": sum(s["records"] for s in ordered), "tokens": sum(s["tokens"] for s in ordered),

@@ -7,7 +7,7 @@ A source spec is one of:
     as chinese-poetry's "paragraphs" is joined with newlines), `.parquet` (the string column `jsonl_field`)
     or `.array_record` (one UTF-8 document per record, read lazily);
   * a directory: every such file under it, recursively, in sorted order (a `.json` file there holding one
-    JSON object, such as a report or manifest, is metadata: skipped and counted);
+    pretty-printed JSON object, such as clean's report.json or a manifest, is metadata: left out, logged);
   * a glob (`data/*.txt`, `corpus/**/*.jsonl`): the matching files, sorted;
   * a directory written by `jaxllm data prepare` (it holds `prepared.json`): token ids, read lazily;
   * `tfds:NAME[/CONFIG][:VERSION][:SPLIT]`: a TFDS dataset through `tfds.data_source` (no TensorFlow),
@@ -29,6 +29,7 @@ import glob
 import importlib
 import importlib.resources
 import importlib.util
+import json
 import logging
 import os
 import random
@@ -38,11 +39,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxllm.data import records as records_lib
-from jaxllm.data.formats import NOT_RECORDS, RecordError, parse_json_records
+from jaxllm.data.formats import RecordError, parse_json_records
 
 log = logging.getLogger(__name__)
 
 TEXT_SPLITS = ("line", "paragraph", "file")
+NOT_UTF8, NO_DOCUMENTS = "not_utf8", "no_documents"   # reasons a file gives no text (RecordError.reason)
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".array_record")
 
 
@@ -90,23 +92,14 @@ def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "line
             if path.endswith(".array_record"):
                 parts.append(records_lib.TextRecords([path]))
                 continue
-            try:
-                docs, file_skipped = _read_file(path, jsonl_field=jsonl_field, text_split=text_split,
-                                                on_error=on_error)
-            except RecordError as e:
-                # A directory's .json metadata (clean's report.json, a manifest) is not data: skipped, counted.
-                if e.reason != NOT_RECORDS or path == spec:
-                    raise
-                log.info("%s: skipped, %s", path, e)
-                skipped["json_not_records"] += 1
-                continue
+            docs, file_skipped = _read_file(path, jsonl_field=jsonl_field, text_split=text_split, on_error=on_error)
             parts.append(docs)
             skipped.update(file_skipped)
         flat = all(isinstance(p, list) for p in parts)
         docs = [d for p in parts for d in p] if flat else records_lib.Concat(parts)
         source = Source(spec, docs, skipped=dict(skipped))
     if not len(source):
-        raise ValueError(f"data source {spec!r} yielded no documents ({_describe(source.skipped)})")
+        raise RecordError(f"data source {spec!r} yielded no documents ({_describe(source.skipped)})", NO_DOCUMENTS)
     log.info("data source %s: %d %s read, %s", spec, len(source), "documents" if source.kind == "text" else
              "token documents", _describe(source.skipped))
     return source
@@ -193,9 +186,28 @@ def source_files(spec: str) -> list[str]:
     else:
         raise FileNotFoundError(f"data source {spec!r}: no such file or directory")
     files = sorted(p for p in paths if p.endswith(SUFFIXES) and os.path.isfile(p))
+    metadata = [p for p in files if p.endswith(".json") and _is_one_json_object(p)]
+    if metadata:   # clean's report.json, a manifest: beside the data, not data
+        log.info("data source %s: %d .json files hold one JSON object, not records, and are left out: %s", spec,
+                 len(metadata), ", ".join(metadata[:5]))
+        files = [p for p in files if p not in metadata]
     if not files:
         raise FileNotFoundError(f"data source {spec!r}: no {' or '.join(SUFFIXES)} files found")
     return files
+
+
+def _is_one_json_object(path: str) -> bool:
+    """A .json file whose first line opens an object but is no JSON value on its own: one pretty-printed
+    object (a report, a manifest, nested data), not a JSON array or JSON Lines of records."""
+    with open(path, "rb") as f:
+        first = f.readline().strip().removeprefix(b"\xef\xbb\xbf").strip()
+    if not first.startswith(b"{"):
+        return False
+    try:
+        json.loads(first)
+    except ValueError:
+        return True
+    return False
 
 
 def _read_text(path: str) -> str:
@@ -207,8 +219,8 @@ def _read_text(path: str) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte column "
-                         f"{column}); re-encode the file as UTF-8") from None
+        raise RecordError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte column "
+                          f"{column}); re-encode the file as UTF-8", NOT_UTF8) from None
     text = text.removeprefix("\ufeff")
     # Universal newlines, as open() does: CRLF (Windows) and lone CR (old Mac) end lines.
     return text.replace("\r\n", "\n").replace("\r", "\n")

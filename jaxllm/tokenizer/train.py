@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, Sized
 
 import sentencepiece as spm
 
+from jaxllm.eval.progress import ProgressLog
 from jaxllm.tokenizer.tokenizer import MODEL_FILENAME, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,9 @@ class _Lines:
         self.texts, self.input_files, self.max_bytes = texts, input_files, max_bytes
         self.kept = self.empty = self.too_long = 0
         self.error: BaseException | None = None
+        # Reading a large corpus takes minutes: a progress line per interval, in bytes of text read.
+        self.progress = ProgressLog("tokenizer: reading text", _input_bytes(texts, input_files), "bytes", logger=log)
+        self.bytes_read = 0
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -44,6 +49,8 @@ class _Lines:
         except Exception as e:
             self.error = e
             raise
+        self.progress.finish()
+        log.info("tokenizer: sentencepiece trains on the %d lines kept (it reports no progress itself)", self.kept)
 
     def _all_lines(self) -> Iterator[str]:
         if self.texts is not None:
@@ -56,13 +63,23 @@ class _Lines:
 
     def _keep(self, lines: Iterable[str]) -> Iterator[str]:
         for line in lines:
+            size = len(line.encode("utf-8"))
+            self.bytes_read += size + 1
+            self.progress.update(self.bytes_read)
             if not line.strip():
                 self.empty += 1
-            elif len(line.encode("utf-8")) > self.max_bytes:
+            elif size > self.max_bytes:
                 self.too_long += 1
             else:
                 self.kept += 1
                 yield line
+
+
+def _input_bytes(texts, input_files: Sequence[str]) -> int:
+    """UTF-8 bytes to read (texts count only when sized: a list, not a generator)."""
+    sized = isinstance(texts, Sized)
+    text_bytes = sum(len(t.encode("utf-8")) + 1 for t in texts if isinstance(t, str)) if sized else 0
+    return text_bytes + sum(os.path.getsize(p) for p in input_files)
 
 
 def _file_lines(path: str) -> Iterator[str]:
@@ -150,6 +167,7 @@ def train_tokenizer(texts: Iterable[str] | None = None, *, input_files: Sequence
                for key, value in (("id", i), ("piece", piece))}
     # sentencepiece's sampling uses a process-wide generator; seeding it makes the sample reproducible.
     spm.set_random_generator_seed(seed)
+    t0 = time.monotonic()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines),
@@ -183,6 +201,7 @@ def train_tokenizer(texts: Iterable[str] | None = None, *, input_files: Sequence
             raise clear from e
         raise RuntimeError(f"sentencepiece training on {_describe_inputs(texts, input_files)} failed: {e}") from e
 
+    log.info("tokenizer: trained in %.1fs", time.monotonic() - t0)
     # Skipped lines are data lost on purpose; say how many, louder when text was dropped for length.
     log.log(logging.WARNING if lines.too_long else logging.INFO,
             "trained a %d-piece %s tokenizer in %s on %d lines; skipped %d lines longer than %d bytes "
