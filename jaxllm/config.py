@@ -219,6 +219,15 @@ class DPOConfig:
         _check(self.reference in ("cached", "online"), f"{where}.reference must be 'cached' or 'online'")
 
 
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Where metrics go besides metrics.jsonl, TensorBoard and the console (jaxllm/metrics.py)."""
+    wandb: str = ""                 # Weights & Biases project; empty = off. Needs `pip install 'jaxllm[wandb]'`;
+                                    # WANDB_MODE=offline keeps the run on disk (<workdir>/wandb, `wandb sync` later)
+    wandb_entity: str = ""          # W&B team or user; empty = the logged-in account's default
+    wandb_name: str = ""            # run name shown in W&B; empty = the workdir's name
+
+
 INIT_SCRATCH = "scratch"    # init_from's value for random weights, said explicitly
 
 
@@ -232,6 +241,7 @@ class Config:
     train: TrainConfig = TrainConfig()      # the loop
     reward: RewardConfig = RewardConfig()   # objective "reward" only
     dpo: DPOConfig = DPOConfig()            # objective "dpo" only
+    log: LogConfig = LogConfig()            # optional metric sinks (Weights & Biases)
     objective: str = "lm"           # "lm" | "sft" | "reward" | "dpo" (objectives/)
     workdir: str = ""               # everything the run writes; required
     tokenizer: str = ""             # path to a SentencePiece tokenizer.model; empty = train one on data.sources
@@ -241,6 +251,11 @@ class Config:
     resize_method: str = "none"     # init_from with a larger tokenizer: "none" (error) | "mean" | "mean_noise" |
                                     # "subword_mean" (model/resize.py)
     resize_pad_to_multiple: int = 128  # the resized vocabulary is padded to a multiple of this
+    # A workdir's config.json describes its checkpoints. Rerunning in the same workdir with other values is
+    # refused, naming each change, except those resuming allows (jaxllm/run_history.py: more train.steps, eval /
+    # log / save cadence, keep_checkpoints, async_checkpointing, peak_tflops, mesh, attention_impl, remat, log.*).
+    # True applies any change anyway; every change is recorded in <workdir>/config_history/.
+    allow_config_change: bool = False
 
     def validate(self) -> "Config":
         _check(bool(self.workdir), "workdir must be set (--config.workdir=...)")

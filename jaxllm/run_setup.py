@@ -10,6 +10,7 @@ The resolved config is what workdir/config.json holds, so a resumed run restores
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
 import logging
 import shutil
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import jax
 
-from jaxllm import config as config_lib
-from jaxllm import distributed, sharding
-from jaxllm.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE, describe_checkpoint, load_params
+from jaxllm import distributed, run_history, sharding
+from jaxllm.checkpoint import (RUN_CONFIG_FILE, TOKENIZER_FILE, checkpoint_steps, describe_checkpoint,
+                               load_params)
 from jaxllm.config import Config, ConfigError, init_checkpoint
 from jaxllm.model.resize import check_tokenizer_size, resize_vocab, resized_config, token_rows
 from jaxllm.objectives.lm import lm_documents
@@ -106,14 +107,39 @@ def resolve_model_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
+def saved_config(workdir: Path) -> dict | None:
+    """The workdir's config.json, or None when there is none."""
+    path = workdir / RUN_CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); it should describe the run in this "
+                          f"workdir: restore it, or use a new workdir") from None
+
+
 def prepare_workdir(cfg: Config, tokenizer: Tokenizer) -> None:
-    """The resolved config and the tokenizer, written once (process 0) into the workdir."""
+    """The resolved config and the tokenizer, written once (process 0) into the workdir. A workdir that already
+    holds a run keeps describing its checkpoints: changes are refused or recorded (run_history.py)."""
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    new, old = run_history.as_json(cfg), saved_config(workdir)
+    saved_tokenizer = workdir / TOKENIZER_FILE
+    same_tokenizer = saved_tokenizer.exists() and filecmp.cmp(tokenizer.path, saved_tokenizer, shallow=False)
+    changes, reason, newest = [], None, max(checkpoint_steps(workdir / "checkpoints"), default=None)
+    if old is not None:
+        changes, reason = run_history.check_config_change(workdir, old, new, newest, cfg.allow_config_change,
+                                                          same_tokenizer)
+        run_history.warn_on_schedule_change(changes, cfg)
     if jax.process_index() == 0:
-        (workdir / RUN_CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(cfg), indent=2))
-        if Path(tokenizer.path).resolve() != (workdir / TOKENIZER_FILE).resolve():
-            shutil.copyfile(tokenizer.path, workdir / TOKENIZER_FILE)
+        if changes:
+            run_history.record_config_change(workdir, old, changes, reason, newest,
+                                             old_tokenizer=None if same_tokenizer else saved_tokenizer)
+        if old is None or changes:
+            (workdir / RUN_CONFIG_FILE).write_text(json.dumps(new, indent=2))
+        if Path(tokenizer.path).resolve() != saved_tokenizer.resolve():
+            shutil.copyfile(tokenizer.path, saved_tokenizer)
 
 
 def setup_run(cfg: Config) -> RunSetup:

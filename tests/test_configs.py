@@ -15,6 +15,7 @@ import pytest
 from jaxllm.cli import load_config_dict, shipped_configs
 from jaxllm.config import Config, ConfigError, from_config_dict
 from jaxllm.configs.presets import PRESETS
+from jaxllm.run_history import flatten as leaves   # {"a.b": value} of a nested dict
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (REPO / "configs").glob("*.py") if "\ndef get_config(" in p.read_text())
@@ -25,17 +26,6 @@ def documented_args(path: Path) -> list[str]:
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
     args = set(re.findall(rf"--config={path.stem}:(\S+?)[`\s]", doc + " "))
     return ["", *sorted(args), *(f"model={name}" for name in PRESETS)]
-
-
-def leaves(tree: dict, prefix: str = "") -> dict:
-    """{"a.b": value} of a nested dict."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(leaves(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def stated_fields(path: Path) -> set[str]:
