@@ -11,12 +11,16 @@ Hugging Face Llama directory (converted on the fly).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
+import gc
+import inspect
 import json
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +74,24 @@ def missing_files(step_dir: Path) -> str | None:
             names = sorted(f.name for f in found.values())
             return f"{DATA_ITEM}/ holds {names or 'no data state'}: the data iterator's state is incomplete"
     return None
+
+
+@contextlib.contextmanager
+def quiet_abandoned_reads():
+    """Orbax reads a step's arrays in concurrent coroutines; when one read fails, each abandoned one reports its
+    own failure again through sys.unraisablehook as it is collected: a page of TensorStore spec per array. The
+    first error is the one raised; the echoes of unfinished coroutines are dropped, anything else passes on."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not inspect.iscoroutine(unraisable.object):
+            previous(unraisable)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()   # collect the abandoned coroutines while the hook is ours
+        sys.unraisablehook = previous
 
 
 def error_in_one_line(error: BaseException, limit: int = 300) -> str:
@@ -204,7 +226,8 @@ class RunCheckpointer:
             reason = missing_files(self.directory / str(step))
             if reason is None:
                 try:
-                    state, data_state = self.restore(step, abstract_state, resplit_data)
+                    with quiet_abandoned_reads():
+                        state, data_state = self.restore(step, abstract_state, resplit_data)
                 except CheckpointMismatchError:
                     raise
                 except Exception as e:  # noqa: BLE001 - any read error; whether it is damage is decided below
