@@ -32,6 +32,8 @@ EXTRAS = {
     # `jaxllm data clean --runner=<Beam runner>`; Beam 2.77 pins protobuf<7 and pyarrow<26, which the core
     # stack (grain, orbax, tensorboardX) accepts.
     "beam": ["apache-beam>=2.60"],
+    # --config.log.wandb=<project>: metrics to Weights & Biases too (imported only when asked for).
+    "wandb": ["wandb>=0.17"],
 }
 
 setup(

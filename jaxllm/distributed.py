@@ -130,30 +130,56 @@ def log_only_on_process_zero() -> None:
 
 
 class StopSignal:
-    """Pre-emption (SIGTERM from a spot reclaim, a TPU maintenance event or SLURM): save and stop, at the same
-    step on every process.
+    """Pre-emption (SIGTERM from a spot reclaim, a TPU maintenance event or SLURM) and Ctrl-C (SIGINT): save and
+    stop, at the same step on every process. A second Ctrl-C stops at once, without saving.
 
-    One process: a Python SIGTERM handler sets a flag. Several processes: JAX's preemption sync manager
-    (started by jax.distributed.initialize) catches SIGTERM on any process, tells the others, and all agree on
-    one step; `reached(step)` must then be called by every process at every step. A Python handler is not
-    installed then: it would replace the runtime's."""
+    One process: Python handlers set a flag. Several processes: JAX's preemption sync manager (started by
+    jax.distributed.initialize) catches SIGTERM on any process, tells the others, and all agree on one step;
+    `reached(step)` must then be called by every process at every step. A Python SIGTERM handler is not
+    installed then (it would replace the runtime's); Ctrl-C is turned into a SIGTERM to this process, so it
+    goes the same way. Use as a context manager: leaving it puts back the handlers that were there before
+    (a library caller's next stage must not inherit ours)."""
 
     def __init__(self):
         self.requested = False
+        self.interrupted = False   # Ctrl-C asked to stop: the run ends with TrainingInterrupted, not success
+        self._previous: dict = {}
         self._synced = (jax.process_count() > 1 and jax.distributed.is_initialized()
                         and jax.config.jax_enable_preemption_service)
         if jax.process_count() > 1 and not self._synced:
             logging.warning("the JAX preemption service is off: SIGTERM is handled per process, and processes "
                             "may stop at different steps")
-        if not self._synced:
+        for sig in (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(signal.SIGTERM, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. inside a test runner thread): no handler
                 pass
 
+    def __enter__(self) -> "StopSignal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Puts back the handlers found at construction."""
+        for sig, previous in self._previous.items():
+            # None: the previous handler was not installed from Python; the default is the nearest we can give.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
+
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                self.restore()
+                raise KeyboardInterrupt("second Ctrl-C: stopped at once, without saving")
+            self.interrupted = True
+        logging.warning("%s received: saving a checkpoint and stopping%s", signal.Signals(signum).name,
+                        " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else "")
+        if self._synced and signum == signal.SIGINT:
+            os.kill(os.getpid(), signal.SIGTERM)   # the preemption service tells every process
+        else:
+            self.requested = True
 
     def reached(self, step: int) -> bool:
         """True from the step at which this run saves and stops."""

@@ -1,4 +1,5 @@
-"""Where metrics go: metrics.jsonl, TensorBoard, a console progress line, and PNG plots; plus MFU."""
+"""Where metrics go: metrics.jsonl, TensorBoard, optionally Weights & Biases, a console progress line, and PNG
+plots; plus MFU."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 
 import jax
@@ -32,12 +34,14 @@ def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int, peak_tflo
 
 
 class MetricWriter:
-    """Writes each logged step once to every sink; only process 0 writes files."""
+    """Writes each logged step once to every sink: metrics.jsonl, TensorBoard, and W&B when a run is given.
+    Only process 0 writes."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, wandb_run=None):
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
+        self._wandb = wandb_run
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -49,17 +53,66 @@ class MetricWriter:
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in values.items()}
+        finite = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
+        # NaN / Inf are written as null: strict JSON readers reject bare NaN, and a missing key would hide them.
+        row = {"step": int(step), **{k: finite.get(k) for k in values}}
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self._tb is not None:
-            for k, v in clean.items():
-                if math.isfinite(v):
-                    self._tb.add_scalar(k, v, int(step))
+            for k, v in finite.items():
+                self._tb.add_scalar(k, v, int(step))
+        if self._wandb is not None:
+            self._wandb.log(finite, step=int(step))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Resuming at `step` after a crash: the rows logged after it describe steps that run again now; drop them so
+    every step has one row. Returns how many were dropped (logged by the caller). Rewritten atomically."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    dropped = sum(1 for line in lines if line.strip()) - len(kept)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+WANDB_MISSING = ("log.wandb is set but the wandb package is not installed: pip install 'jaxllm[wandb]' "
+                 "(or pip install wandb), or leave log.wandb empty")
+
+
+def wandb_module(log_cfg):
+    """The wandb module when log.wandb names a project, else None; imported only then (an optional extra), and
+    checked before a run starts so a missing package fails in one line, not after compiling."""
+    if not log_cfg.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        from jaxllm.config import ConfigError
+        raise ConfigError(WANDB_MISSING) from None
+    return wandb
+
+
+def open_wandb_run(wandb, log_cfg, workdir: str, config: dict):
+    """The W&B run of this workdir: a resumed workdir continues the same W&B run (its id is kept in
+    <workdir>/wandb_run_id). The mode comes from W&B's own settings, so WANDB_MODE=offline writes
+    <workdir>/wandb/ for `wandb sync`."""
+    id_file = Path(workdir) / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:16]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=log_cfg.wandb, entity=log_cfg.wandb_entity or None,
+                      name=log_cfg.wandb_name or Path(workdir).absolute().name, id=run_id, resume="allow",
+                      dir=str(workdir), config=config)
 
 
 class Progress:
@@ -99,7 +152,7 @@ def plot_curves(metrics_path: str, out_png: str, keys=("train/loss", "eval/loss"
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = False
     for key in keys:
-        points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)

@@ -18,19 +18,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import distributed, sharding
-from jaxllm.checkpoint import RunCheckpointer
+from jaxllm import config as config_lib
+from jaxllm.checkpoint import RunCheckpointer, checkpoint_steps
 from jaxllm.config import Config
 from jaxllm.data.mixture import resplit_data_state
-from jaxllm.metrics import MetricWriter, Progress, device_peak_tflops, mfu, plot_curves
+from jaxllm.metrics import (MetricWriter, Progress, device_peak_tflops, drop_rows_after, mfu, open_wandb_run,
+                            plot_curves, wandb_module)
 from jaxllm.model.spec import flops_per_token, init_from_specs
 from jaxllm.objectives import Objective, build_objective
 from jaxllm.optim import lr_schedule, make_optimizer
 from jaxllm.run_setup import load_init_params, setup_run
+from jaxllm.run_summary import end_summary, start_summary
 from jaxllm.steps import init_train_state, state_shardings
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the last good checkpoint is left untouched."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run after it saved a checkpoint: still a KeyboardInterrupt (a script stops), and the
+    message says where to resume from."""
 
 
 def batch_shardings(mesh, rules, local_batch: dict, process_count: int) -> dict:
@@ -66,16 +74,20 @@ def evaluate(params, frozen, eval_fn, batches, shardings, max_batches: int) -> d
     return {k: float(v) for k, v in jax.device_get(totals).items()} if totals else {}
 
 
-def restore_state(ckpt: RunCheckpointer, step: int, abstract, state_sh, batches) -> dict:
-    """The train state of checkpoint `step`, restored straight into its shardings; the data iterator continues
-    where that step left it (re-split by the pipeline when the process count changed)."""
+def restore_state(ckpt: RunCheckpointer, abstract, state_sh, batches) -> tuple[int, dict] | None:
+    """(step, train state) of the newest intact checkpoint, restored straight into its shardings (a damaged newer
+    one is moved aside); the data iterator continues where that step left it (re-split by the pipeline when the
+    process count changed). None when the run has no checkpoint."""
     abstract_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     resplit = functools.partial(resplit_data_state, template=batches.get_state(), process_count=jax.process_count())
-    state, data_state = ckpt.restore(step, abstract_sh, resplit_data=resplit)
+    restored = ckpt.restore_newest(abstract_sh, resplit_data=resplit)
+    if restored is None:
+        return None
+    step, state, data_state = restored
     if data_state is not None:
         batches.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, step)
-    return state
+    return step, state
 
 
 def create_state(objective: Objective, tx, state_sh, init_params: dict | None, seed: int) -> dict:
@@ -90,7 +102,9 @@ def create_state(objective: Objective, tx, state_sh, init_params: dict | None, s
 
 
 def train(cfg: Config) -> dict:
-    """Trains a model for cfg.objective as configured; returns the last logged metrics (plus final eval)."""
+    """Trains a model for cfg.objective as configured; returns the last logged metrics (plus final eval).
+    Ctrl-C saves and raises TrainingInterrupted; SIGTERM saves and returns."""
+    wandb = wandb_module(cfg.log)   # asked for but not installed: fail now, not after compiling
     # 1) The resolved config, tokenizer and mesh; the objective's data, loss and steps.
     setup = setup_run(cfg)
     cfg, mesh, rules = setup.cfg, setup.mesh, setup.cfg.mesh.rules
@@ -108,25 +122,33 @@ def train(cfg: Config) -> dict:
     eval_fn = jax.jit(functools.partial(objective.eval_step, **objective.loss_settings),
                       in_shardings=(state_sh["params"], batch_sh, None))
 
-    # 3) State: restore the newest checkpoint, or create it already sharded.
+    # 3) State: restore the newest intact checkpoint, or create it already sharded.
     ckpt = RunCheckpointer(cfg.workdir, keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpointing)
-    start = ckpt.latest_step()
     with sharding.use_rules(mesh, rules):
-        if start is not None:
-            state = restore_state(ckpt, start, abstract, state_sh, objective.train_batches)
+        try:
+            restored = restore_state(ckpt, abstract, state_sh, objective.train_batches)
+        except BaseException:
+            ckpt.close()
+            raise
+        if restored is not None:
+            start, state = restored
         else:
             start = 0
             state = create_state(objective, tx, state_sh, load_init_params(setup), cfg.train.seed)
-        return TrainLoop(cfg, objective, step_fn, eval_fn, batch_sh, ckpt).run(state, start)
+        logging.info("%s", start_summary(cfg, abstract["params"], mesh, start))
+        return TrainLoop(cfg, objective, step_fn, eval_fn, batch_sh, ckpt, wandb).run(state, start)
 
 
 class TrainLoop:
     """The loop of one run: steps, logging, evaluation, checkpoints. Objective-agnostic."""
 
-    def __init__(self, cfg: Config, objective: Objective, step_fn, eval_fn, batch_sh, ckpt: RunCheckpointer):
+    def __init__(self, cfg: Config, objective: Objective, step_fn, eval_fn, batch_sh, ckpt: RunCheckpointer,
+                 wandb=None):
         self.cfg, self.objective, self.step_fn, self.eval_fn = cfg, objective, step_fn, eval_fn
         self.batch_sh, self.frozen, self.ckpt = batch_sh, objective.frozen, ckpt
-        self.writer = MetricWriter(cfg.workdir, enabled=jax.process_index() == 0)
+        main = jax.process_index() == 0
+        run = open_wandb_run(wandb, cfg.log, cfg.workdir, config_lib.to_dict(cfg)) if wandb and main else None
+        self.writer = MetricWriter(cfg.workdir, enabled=main, wandb_run=run)
         self.pending: list[tuple[int, dict]] = []   # metrics still on device: fetched at log/save time only
 
     def drain(self) -> dict:
@@ -151,60 +173,78 @@ class TrainLoop:
         return out
 
     def run(self, state, start: int) -> dict:
+        cfg, train_cfg = self.cfg, self.cfg.train
+        if jax.process_index() == 0:
+            dropped = drop_rows_after(self.writer.path, start)
+            if dropped:
+                logging.warning("%s: dropped %d rows logged after step %d (after the checkpoint the run resumes "
+                                "from; those steps run again now)", self.writer.path, dropped, start)
+        # SIGTERM and Ctrl-C: every process saves at the same step and stops; the handlers that were installed
+        # before come back when the run ends, however it ends.
+        with distributed.StopSignal() as stop:
+            try:
+                step, last, state = self.loop(state, start, stop)
+            finally:
+                self.ckpt.close()
+                self.writer.close()
+        if jax.process_index() == 0:
+            plot_curves(str(self.writer.path), str(Path(cfg.workdir) / "plots" / "loss.png"))
+            logging.info("%s", end_summary(cfg.workdir, checkpoint_steps(self.ckpt.directory), step))
+        if stop.interrupted:
+            raise TrainingInterrupted(f"stopped by Ctrl-C at step {step} of {train_cfg.steps}; checkpoint saved in "
+                                      f"{self.ckpt.directory / str(step)}: run the same command again to resume")
+        return {**last, "step": step, "state": state}
+
+    def loop(self, state, start: int, stop: distributed.StopSignal) -> tuple[int, dict, dict]:
+        """Steps from `start` until train.steps or a stop signal; saves the last step. Returns (step, the last
+        metrics, state)."""
         cfg, train_cfg, batches = self.cfg, self.cfg.train, self.objective.train_batches
         progress = Progress(train_cfg.steps, start)
         schedule = lr_schedule(cfg.optim, train_cfg.steps)
         peak = train_cfg.peak_tflops or device_peak_tflops()
-        stop = distributed.StopSignal()   # SIGTERM: every process saves at the same step and stops
         last: dict = {}
         t_last, step_last, step = time.time(), start, start
         if train_cfg.eval_every and train_cfg.eval_at_start and start == 0:
             last.update(self.eval_metrics(state, 0))
         tokens_shape, input_wait = (), 0.0
-        try:
-            while step < train_cfg.steps:
-                t_wait = time.time()
-                batch = global_batch(next(batches), self.batch_sh)
-                # Host time spent waiting for input; steps are dispatched asynchronously, so on an accelerator
-                # this is time the device may sit idle only if it exceeds the step time.
-                input_wait += time.time() - t_wait
-                tokens_shape = batch["tokens"].shape
-                state, metrics = self.step_fn(state, batch, self.frozen)
-                step += 1
-                self.pending.append((step, metrics))
-                if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-                    m = self.drain()
-                    elapsed, t_last = time.time() - t_last, time.time()
-                    tokens_per_s = (step - step_last) * math.prod(tokens_shape) / max(elapsed, 1e-9)
-                    step_last = step
-                    last = {f"train/{k}": float(v) for k, v in m.items() if k not in ("count", "grad_norm")}
-                    last.update(grad_norm=float(m["grad_norm"]), lr=float(schedule(step - 1)),
-                                tokens_per_s=tokens_per_s,
-                                mfu=mfu(tokens_per_s, flops_per_token(cfg.model, tokens_shape[-1]), jax.device_count(),
-                                        peak),
-                                input_wait_frac=input_wait / max(elapsed, 1e-9))
-                    input_wait = 0.0
-                    if self.objective.data_stats is not None:   # per-source tokens/epochs (data/...)
-                        last.update(self.objective.data_stats())
-                    self.writer.write(step, last)
-                    logging.info(progress.line(step, {k: last[k] for k in ("train/loss", "lr", "grad_norm",
-                                                                           "tokens_per_s")}))
-                if train_cfg.eval_every and step % train_cfg.eval_every == 0:
-                    last.update(self.eval_metrics(state, step))
-                stopping = stop.reached(step)   # called at every step by every process
-                if (train_cfg.save_every and step % train_cfg.save_every == 0) or stopping:
-                    self.drain()
-                    self.ckpt.save(step, state, batches.get_state())
-                if stopping:
-                    break
-            self.drain()
-            if self.ckpt.latest_step() != step:
-                self.ckpt.save(step, state, batches.get_state())
-            if not (train_cfg.eval_every and step % train_cfg.eval_every == 0) and not stop.requested:
+        while step < train_cfg.steps:
+            t_wait = time.time()
+            batch = global_batch(next(batches), self.batch_sh)
+            # Host time spent waiting for input; steps are dispatched asynchronously, so on an accelerator
+            # this is time the device may sit idle only if it exceeds the step time.
+            input_wait += time.time() - t_wait
+            tokens_shape = batch["tokens"].shape
+            state, metrics = self.step_fn(state, batch, self.frozen)
+            step += 1
+            self.pending.append((step, metrics))
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+                m = self.drain()
+                elapsed, t_last = time.time() - t_last, time.time()
+                tokens_per_s = (step - step_last) * math.prod(tokens_shape) / max(elapsed, 1e-9)
+                step_last = step
+                last = {f"train/{k}": float(v) for k, v in m.items() if k not in ("count", "grad_norm")}
+                last.update(grad_norm=float(m["grad_norm"]), lr=float(schedule(step - 1)),
+                            tokens_per_s=tokens_per_s,
+                            mfu=mfu(tokens_per_s, flops_per_token(cfg.model, tokens_shape[-1]), jax.device_count(),
+                                    peak),
+                            input_wait_frac=input_wait / max(elapsed, 1e-9))
+                input_wait = 0.0
+                if self.objective.data_stats is not None:   # per-source tokens/epochs (data/...)
+                    last.update(self.objective.data_stats())
+                self.writer.write(step, last)
+                logging.info(progress.line(step, {k: last[k] for k in ("train/loss", "lr", "grad_norm",
+                                                                       "tokens_per_s")}))
+            if train_cfg.eval_every and step % train_cfg.eval_every == 0:
                 last.update(self.eval_metrics(state, step))
-        finally:
-            self.ckpt.close()
-            self.writer.close()
-        if jax.process_index() == 0:
-            plot_curves(str(self.writer.path), str(Path(cfg.workdir) / "plots" / "loss.png"))
-        return {**last, "step": step, "state": state}
+            stopping = stop.reached(step)   # called at every step by every process
+            if (train_cfg.save_every and step % train_cfg.save_every == 0) or stopping:
+                self.drain()
+                self.ckpt.save(step, state, batches.get_state())
+            if stopping:
+                break
+        self.drain()
+        if self.ckpt.latest_step() != step:
+            self.ckpt.save(step, state, batches.get_state())
+        if not (train_cfg.eval_every and step % train_cfg.eval_every == 0) and not stop.requested:
+            last.update(self.eval_metrics(state, step))
+        return step, last, state

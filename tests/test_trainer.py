@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxllm.checkpoint import CheckpointMismatchError, load_params
-from jaxllm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxllm.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxllm.metrics import read_metrics
 from jaxllm.trainer import NonFiniteLossError, train
 
@@ -63,9 +63,9 @@ def test_loss_falls_on_real_text_and_is_logged(tmp_path, english_corpus, tokeniz
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, english_corpus, tokenizer_path):
     cfg = run_config(tmp_path, english_corpus, tokenizer_path, steps=10, save_every=5)
     train(cfg)
-    # Continue the same run with a learning rate so large that the loss overflows.
+    # Continue the same run with a learning rate so large that the loss overflows (a changed config: said so).
     bad = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e30, warmup_steps=0),
-                              train=dataclasses.replace(cfg.train, steps=40, save_every=100))
+                              train=dataclasses.replace(cfg.train, steps=40, save_every=100), allow_config_change=True)
     with pytest.raises(NonFiniteLossError, match=r"at step (1[1-9]|[23]\d|40)"):
         train(bad)
     params, _, _ = load_params(str(tmp_path))
@@ -78,5 +78,7 @@ def test_checkpoint_with_other_shapes_lists_the_mismatches(tmp_path, english_cor
     train(cfg)
     wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mlp_dim=256),
                                 train=dataclasses.replace(cfg.train, steps=4))
-    with pytest.raises(CheckpointMismatchError, match=r"mlp/gate.*\(2, 64, 192\).*\(2, 64, 256\)"):
+    with pytest.raises(ConfigError, match=r"model.mlp_dim: 192 -> 256"):   # the workdir's config says 192
         train(wider)
+    with pytest.raises(CheckpointMismatchError, match=r"mlp/gate.*\(2, 64, 192\).*\(2, 64, 256\)"):
+        train(dataclasses.replace(wider, allow_config_change=True))      # forced: the shapes still cannot load
