@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import Config
+from jaxllm.configs.presets import PRESETS
+from jaxllm.run_summary import count_text
 from jaxllm.sharding import MESH_AXES
 
 GB = 1e9
@@ -77,17 +79,31 @@ def activation_bytes(model, *, tokens_per_device: float, seq_len: int, tensor: i
     return int(tokens_per_device * (model.num_layers * kept + rebuilt + 3 * 4 * V))
 
 
+def preset_of(model) -> str | None:
+    """The preset whose architecture `model` has (every field the preset sets but its vocabulary), else None."""
+    return next((name for name, fields in PRESETS.items()
+                 if all(getattr(model, k) == v for k, v in fields.items() if k != "vocab_size")), None)
+
+
+def vocab_for_plan(cfg: Config) -> tuple[int, str]:
+    """(vocabulary, where it comes from). vocab_size 0 means "the tokenizer's": the given tokenizer's size; without
+    one, the larger of the preset's own vocabulary (llama2-7b: 32000) and the tokenizer train would build, so a
+    preset plans as the model it names and the plan never counts fewer rows than the run will have."""
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size, "model.vocab_size"
+    if cfg.tokenizer:
+        from jaxllm.tokenizer import Tokenizer
+        return Tokenizer(cfg.tokenizer).vocab_size, f"the tokenizer {cfg.tokenizer}"
+    preset = preset_of(cfg.model)
+    preset_vocab = PRESETS[preset]["vocab_size"] if preset else 0
+    if preset_vocab > cfg.tokenizer_vocab_size:
+        return preset_vocab, (f"the {preset} preset's; without --config.tokenizer, train builds "
+                             f"{cfg.tokenizer_vocab_size}")
+    return cfg.tokenizer_vocab_size, "the tokenizer train builds, tokenizer_vocab_size"
+
+
 def _model_for_plan(cfg: Config):
-    """vocab_size 0 means "the tokenizer's": the given tokenizer's size, else the one train would build."""
-    model = cfg.model
-    if not model.vocab_size:
-        if cfg.tokenizer:
-            from jaxllm.tokenizer import Tokenizer
-            vocab = Tokenizer(cfg.tokenizer).vocab_size
-        else:
-            vocab = cfg.tokenizer_vocab_size
-        model = dataclasses.replace(model, vocab_size=vocab)
-    return model
+    return dataclasses.replace(cfg.model, vocab_size=vocab_for_plan(cfg)[0])
 
 
 def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> dict:
@@ -101,7 +117,8 @@ def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> di
 
     if chip is not None and chip not in CHIPS:
         raise ValueError(f"unknown chip {chip!r}; known: {', '.join(sorted(CHIPS))}")
-    model = _model_for_plan(cfg)
+    vocab, vocab_source = vocab_for_plan(cfg)
+    model = dataclasses.replace(cfg.model, vocab_size=vocab)
     sizes = mesh_sizes(cfg.mesh, devices)
     mesh = AbstractMesh(tuple(sizes.values()), MESH_AXES)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
@@ -116,7 +133,8 @@ def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> di
         attention = ("splash" if chip in _TPUS else "cudnn" if chip in CHIPS else
                      {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla"))
     out = {
-        "model": model, "parameters": count_params(model), "mesh": sizes, "devices": math.prod(sizes.values()),
+        "model": model, "vocab_source": vocab_source, "parameters": count_params(model), "mesh": sizes,
+        "devices": math.prod(sizes.values()),
         "tokens_per_device": tokens_per_device, "attention": attention,
         "params": params,
         # the optimizer's moments and counters, and the train state's step counter
@@ -182,9 +200,9 @@ def _size(n: float) -> str:
 def format_plan(p: dict, chip: str | None = None, compiled: dict | None = None) -> str:
     m, sizes = p["model"], p["mesh"]
     lines = [
-        f"model: {p['parameters'] / 1e9:.2f}B parameters (d_model {m.d_model}, {m.num_layers} layers, vocab "
-        f"{m.vocab_size}), params {m.param_dtype}, compute {m.compute_dtype}, remat {m.remat}, attention "
-        f"{p['attention']}",
+        f"model: {count_text(p['parameters'])} parameters (d_model {m.d_model}, {m.num_layers} layers, vocab "
+        f"{m.vocab_size}: {p['vocab_source']}), params {m.param_dtype}, compute {m.compute_dtype}, remat "
+        f"{m.remat}, attention {p['attention']}",
         f"mesh: data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} ({p['devices']} devices); "
         f"{p['tokens_per_device']:.0f} tokens per device per micro-batch",
         "per device:",
