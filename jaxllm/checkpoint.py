@@ -11,7 +11,6 @@ Hugging Face Llama directory (converted on the fly).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime
 import gc
@@ -76,22 +75,29 @@ def missing_files(step_dir: Path) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def quiet_abandoned_reads():
+class QuietAbandonedReads:
     """Orbax reads a step's arrays in concurrent coroutines; when one read fails, each abandoned one reports its
-    own failure again through sys.unraisablehook as it is collected: a page of TensorStore spec per array. The
-    first error is the one raised; the echoes of unfinished coroutines are dropped, anything else passes on."""
-    previous = sys.unraisablehook
+    own failure again through sys.unraisablehook whenever it is collected: a page of TensorStore spec per array.
+    The first error is the one raised; while this filter is on, the echoes of abandoned coroutines are dropped
+    and anything else passes on. On from the first read attempt until the checkpointer closes (a coroutine may
+    be collected long after its read failed)."""
 
-    def hook(unraisable):
-        if not inspect.iscoroutine(unraisable.object):
-            previous(unraisable)
-    sys.unraisablehook = hook
-    try:
-        yield
-    finally:
-        gc.collect()   # collect the abandoned coroutines while the hook is ours
-        sys.unraisablehook = previous
+    def __init__(self):
+        self.previous = None
+
+    def on(self) -> None:
+        if self.previous is None:
+            previous = self.previous = sys.unraisablehook
+
+            def hook(unraisable):
+                if not inspect.iscoroutine(unraisable.object):
+                    previous(unraisable)
+            sys.unraisablehook = hook
+
+    def off(self) -> None:
+        if self.previous is not None:
+            gc.collect()   # collect the abandoned coroutines while the filter is still on
+            sys.unraisablehook, self.previous = self.previous, None
 
 
 def error_in_one_line(error: BaseException, limit: int = 300) -> str:
@@ -210,6 +216,7 @@ class RunCheckpointer:
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     DATA_ITEM: PerProcessJsonHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.quiet_reads = QuietAbandonedReads()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -225,9 +232,9 @@ class RunCheckpointer:
         for step in reversed(self.manager.all_steps()):
             reason = missing_files(self.directory / str(step))
             if reason is None:
+                self.quiet_reads.on()
                 try:
-                    with quiet_abandoned_reads():
-                        state, data_state = self.restore(step, abstract_state, resplit_data)
+                    state, data_state = self.restore(step, abstract_state, resplit_data)
                 except CheckpointMismatchError:
                     raise
                 except Exception as e:  # noqa: BLE001 - any read error; whether it is damage is decided below
@@ -235,6 +242,8 @@ class RunCheckpointer:
                 else:
                     for bad, why in failed:
                         self.move_aside(bad, why, resumed_from=step)
+                    if not failed:
+                        self.quiet_reads.off()
                     return step, state, data_state
             failed.append((step, reason))
         if failed:
@@ -301,6 +310,7 @@ class RunCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self.quiet_reads.off()
 
 
 # ----------------------------------------------------------------------------------------------------

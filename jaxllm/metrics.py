@@ -76,12 +76,19 @@ def drop_rows_after(path: Path, step: int) -> int:
     every step has one row. Returns how many were dropped (logged by the caller). Rewritten atomically."""
     if not path.exists():
         return 0
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    dropped = sum(1 for line in lines if line.strip()) - len(kept)
+
+    def logged_by_then(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):   # a row cut short by the crash (kill -9 mid-write)
+            return False
+
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if logged_by_then(line)]
+    dropped = len(lines) - len(kept)
     if dropped:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
+        tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
     return dropped
 

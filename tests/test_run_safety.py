@@ -79,6 +79,8 @@ def test_changed_config_damaged_checkpoints_and_duplicate_rows(tmp_path, english
     os.truncate(biggest, 1000)
     (run / "checkpoints" / "6" / "data_per_process" / "process_0-of-1.json").unlink()
     (run / "checkpoints" / "4" / "state" / "manifest.ocdbt").unlink()
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "train/lo')                                       # a row cut short by kill -9
     assert jaxllm_main(cli_args(run, english_corpus, tokenizer_path, 10, keep4)) == 0
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception ignored" not in err            # no TensorStore pages
@@ -88,6 +90,8 @@ def test_changed_config_damaged_checkpoints_and_duplicate_rows(tmp_path, english
     assert "checkpoint 6 is damaged (data_per_process/ holds no data state" in damaged[1]
     assert "checkpoint 4 is damaged (state/manifest.ocdbt is missing)" in damaged[2]
     assert all(line.endswith("resuming from step 2") for line in damaged)
+    # Rows 3-8 and step 8's eval were logged after checkpoint 2, and one row was cut short: all 8 go, counted.
+    assert f"{run / 'metrics.jsonl'}: dropped 8 rows logged after step 2" in err
     aside = sorted((run / "checkpoints_damaged").iterdir())
     assert [p.name.split("-")[0] for p in aside] == ["4", "6", "8"]              # moved, not deleted
     assert all((p / "state").is_dir() for p in aside)
@@ -107,6 +111,18 @@ def test_changed_config_damaged_checkpoints_and_duplicate_rows(tmp_path, english
     assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 0.002
     # NaN (MFU on a CPU) is written as null, and every row parses strictly.
     assert all(row["mfu"] is None for row in strict_rows(run / "metrics.jsonl") if "mfu" in row)
+
+    # 5) Every checkpoint without its manifest: not damage of one step but of all. One line naming each step's
+    #    reason, exit 1, nothing moved (the run must not silently start over).
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    for step in steps:
+        (run / "checkpoints" / str(step) / "state" / "manifest.ocdbt").unlink()
+    code = jaxllm_main(cli_args(run, english_corpus, tokenizer_path, 12, keep4, "--config.optim.lr=0.002"))
+    err = capfd.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("jaxllm train: error:")]
+    assert code == 1 and len(message) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"no checkpoint in {run / 'checkpoints'} reads back: step {steps[-1]}: state/manifest.ocdbt" in message[0]
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == steps
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_non_zero_in_one_line(tmp_path, english_corpus, tokenizer_path):
