@@ -15,12 +15,23 @@ import dataclasses
 import re
 import unicodedata
 
-_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"   # with extensions B-G (rare characters)
 _KANA = "\u3040-\u30ff"
 _HANGUL = "\uac00-\ud7af"
 # One CJK character, or a run of other letters/digits (\w also matches CJK, hence the exclusion).
 _CJK_UNIT = re.compile(rf"[{_HAN}{_KANA}{_HANGUL}]|[^\W_{_HAN}{_KANA}{_HANGUL}]+")
 _TERMINAL = tuple('.!?"\'”’」』。！？．…)')   # ． (U+FF0E): older Chinese texts end sentences with it
+# Chinese lines also end, complete, in 、；： (a list item, a clause before the next line, "其词曰：" before a poem)
+# and in a full-width closing bracket.
+_TERMINAL_CJK = _TERMINAL + tuple("、；：）")
+_CLAUSE_BREAK = re.compile(r"\s*[，。！？；、：．]\s*")
+_NOTE = re.compile(r"[(（][^()（）]*[)）]")   # an editor's note in a poem: "(顰 一作：蹙)", a variant reading
+# Verse is written in clauses of 4, 5 or 7 characters (诗) or 3 to 7 (词): on the shared poetry the mean clause
+# is at most 7.5 characters for 99.8% of poems, where a comma-separated list of nouns runs longer.
+MAX_VERSE_CLAUSE = 7.5
+# A clause of verse: up to 12 Han characters; □ marks a character lost in old editions, [字] one an editor
+# restored, 《》 a title.
+_HAN_CLAUSE = re.compile(rf"(?:[{_HAN}□《》]|\[[{_HAN}]+\]){{1,12}}")
 _BULLETS = ("•", "●", "○", "▪", "■", "□", "◦", "‣", "·", "-", "*", "–", "—", "※", "★", "☆")
 EN_STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])   # Gopher's list
 ZH_STOP_CHARS = frozenset("的了是在不有和人这我他也之而其一")   # commonest function characters, modern + classical
@@ -36,6 +47,7 @@ BOILERPLATE = {
 class FilterConfig:
     """Thresholds; `units` are words (Latin scripts) or CJK characters (zh/ja/ko)."""
     min_units: int = 50                 # Gopher: 50 words; the same count of characters for CJK
+    min_verse_units: int = 10           # Chinese verse (`is_verse`): one couplet of five-character lines
     max_units: int = 100_000
     mean_word_length: tuple = (3.0, 10.0)   # Latin: mean characters per word
     mean_clause_length: tuple = (2.0, 80.0)  # CJK: mean characters between punctuation marks
@@ -48,8 +60,16 @@ class FilterConfig:
     max_dup_line_chars: float = 0.2
     max_dup_paragraphs: float = 0.3
     max_dup_paragraph_chars: float = 0.2
+    max_dup_verse_clauses: float = 0.5  # Chinese verse: share of clauses repeating an earlier one
     top_ngram: tuple = ((2, 0.20), (3, 0.18), (4, 0.16))     # (n, max char share of the commonest n-gram)
     dup_ngram: tuple = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+    # The same rules for CJK character units. A Chinese word averages about 1.5 characters, so Gopher's word
+    # n-grams become character n-grams 1.5 times as long. The shares are calibrated on the shared classics
+    # (benchmarks/filter_rates.py): parallel clauses (排比) of 论语/孟子 passages repeat 8-grams over 27% of
+    # the text at the 99th percentile and top 6-grams reach 17%, where Gopher's 15% and 16% removed 5% of
+    # them; a page that repeats itself covers 50% and more (tests/test_filters_zh.py's junk set).
+    top_ngram_cjk: tuple = ((3, 0.20), (5, 0.20), (6, 0.20))
+    dup_ngram_cjk: tuple = ((8, 0.30), (9, 0.29), (11, 0.28), (12, 0.27), (14, 0.26), (15, 0.25))
     min_terminal_lines: float = 0.5     # C4: lines end in terminal punctuation (here: at least half of them)
     max_boilerplate_lines: float = 0.3  # C4/RefinedWeb: navigation, cookie and copyright lines
 
@@ -106,8 +126,34 @@ def _lines(text: str) -> list[str]:
     return [l.strip() for l in text.split("\n") if l.strip()]
 
 
+def is_verse(text: str, lang: str) -> bool:
+    """Chinese verse (shi, ci, songs, rhymed primers): every line made only of short Han clauses between
+    Chinese punctuation marks, a line end closing the last one (many editions print no mark there).
+
+    Such text is complete however short (a quatrain is 20 characters), carries no function words (classical
+    verse drops them) and needs no mark at a line end, so `min_units`, the stop-word rule and the terminal
+    rule, which Gopher and C4 calibrated on English web pages, misjudge it. Web junk does not look like this:
+    navigation, keyword lists and tables carry spaces, '|', digits or Latin letters, a long unpunctuated run
+    is not a clause, and lists of nouns run longer between commas than verse does. What still looks like verse
+    (a list of four-character items between Chinese commas) is judged by the repetition rule alone."""
+    if not is_cjk(lang):
+        return False
+    lines = _lines(_NOTE.sub("", text))
+    if 2 * sum(bool(_CLAUSE_BREAK.search(line)) for line in lines) < len(lines):   # a menu: bare phrases
+        return False
+    clauses = verse_clauses(text)
+    return (len(clauses) >= 2 and all(_HAN_CLAUSE.fullmatch(c) for c in clauses)
+            and sum(map(len, clauses)) / len(clauses) <= MAX_VERSE_CLAUSE)
+
+
+def verse_clauses(text: str) -> list[str]:
+    """The clauses of `text` between Chinese punctuation marks and line ends, editors' notes left out."""
+    return [c for line in _lines(_NOTE.sub("", text)) for c in _CLAUSE_BREAK.split(line) if c]
+
+
 def f_length(text, lang, u, cfg):
-    return None if cfg.min_units <= len(u) <= cfg.max_units else f"{len(u)} units"
+    low = cfg.min_verse_units if len(u) < cfg.min_units and is_verse(text, lang) else cfg.min_units
+    return None if low <= len(u) <= cfg.max_units else f"{len(u)} units"
 
 
 def f_word_length(text, lang, u, cfg):
@@ -123,13 +169,17 @@ def f_word_length(text, lang, u, cfg):
 
 
 def f_symbols(text, lang, u, cfg):
-    ratio = (text.count("#") + text.count("...") + text.count("…")) / max(len(u), 1)
+    symbols = text.count("#") + text.count("...") + text.count("…")
+    if is_cjk(lang):   # Chinese pages decorate with ★◆●【】→ rather than '#'; □ stands for a lost character
+        symbols += sum(unicodedata.category(ch).startswith("S") and ch not in "#□" for ch in text)
+    ratio = symbols / max(len(u), 1)
     return None if ratio <= cfg.max_symbol_ratio else f"{ratio:.2f} symbols per unit"
 
 
 def f_bullets_ellipsis(text, lang, u, cfg):
     lines = _lines(text) or [""]
-    bullets = sum(l.startswith(_BULLETS) for l in lines) / len(lines)
+    # A Chinese line may open with the dash "——" (speech broken off, a list of titles): not a bullet.
+    bullets = sum(l.startswith(_BULLETS) and not (is_cjk(lang) and l.startswith("——")) for l in lines) / len(lines)
     ellipsis = sum(l.endswith(("...", "…")) for l in lines) / len(lines)
     if bullets > cfg.max_bullet_lines:
         return f"{bullets:.0%} bullet lines"
@@ -142,6 +192,8 @@ def f_alpha(text, lang, u, cfg):
 
 
 def f_stop_words(text, lang, u, cfg):
+    if is_verse(text, lang):
+        return None
     if is_cjk(lang):
         found = sum(ch in ZH_STOP_CHARS for ch in text)
     else:
@@ -160,6 +212,12 @@ def _dup_share(items: list[str]) -> tuple[float, float]:
 
 
 def f_repetition(text, lang, u, cfg):
+    if is_verse(text, lang):
+        # Verse repeats whole clauses by design (refrains, the varied stanzas of 诗经), so Gopher's n-gram
+        # shares, calibrated on prose, would drop classics; a page that repeats itself repeats whole clauses
+        # far more than half the time.
+        clauses, _ = _dup_share(verse_clauses(text))
+        return None if clauses <= cfg.max_dup_verse_clauses else f"duplicate verse clauses {clauses:.0%}"
     lines, chars = _dup_share(_lines(text))
     if lines > cfg.max_dup_lines or chars > cfg.max_dup_line_chars:
         return f"duplicate lines {lines:.0%} ({chars:.0%} of characters)"
@@ -168,14 +226,15 @@ def f_repetition(text, lang, u, cfg):
         return f"duplicate paragraphs {paras:.0%}"
     lengths = [len(w) for w in u]
     total = max(sum(lengths), 1)
-    for n, limit in cfg.top_ngram:
+    top_ngram, dup_ngram = (cfg.top_ngram_cjk, cfg.dup_ngram_cjk) if is_cjk(lang) else (cfg.top_ngram, cfg.dup_ngram)
+    for n, limit in top_ngram:
         grams = collections.Counter(tuple(u[i:i + n]) for i in range(len(u) - n + 1))
         if grams:
             gram, count = grams.most_common(1)[0]
             share = count * sum(map(len, gram)) / total
             if count > 1 and share > limit:
                 return f"top {n}-gram {''.join(gram) if is_cjk(lang) else ' '.join(gram)!r} covers {share:.0%}"
-    for n, limit in cfg.dup_ngram:
+    for n, limit in dup_ngram:
         grams = collections.Counter(tuple(u[i:i + n]) for i in range(len(u) - n + 1))
         covered = [False] * len(u)
         for i in range(len(u) - n + 1):
@@ -188,8 +247,10 @@ def f_repetition(text, lang, u, cfg):
 
 
 def f_terminal(text, lang, u, cfg):
+    if is_verse(text, lang):   # a verse line ends at the line break
+        return None
     lines = _lines(text)
-    share = sum(l.endswith(_TERMINAL) for l in lines) / max(len(lines), 1)
+    share = sum(l.endswith(_TERMINAL_CJK if is_cjk(lang) else _TERMINAL) for l in lines) / max(len(lines), 1)
     return None if share >= cfg.min_terminal_lines else f"{share:.0%} lines end in terminal punctuation"
 
 
