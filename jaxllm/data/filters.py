@@ -6,7 +6,9 @@ character (or one run of Latin letters/digits), CJK punctuation counts as punctu
 rule looks for the commonest function characters. Each filter returns None (keep) or a short reason, and
 `first_failure` applies them in `FILTER_ORDER`, so a removed document is charged to the first rule it
 breaks (the report counts per rule). Thresholds default to the published ones (Gopher: Rae et al. 2021,
-appendix A; C4: Raffel et al. 2020; RefinedWeb: Penedo et al. 2023) and are all in `FilterConfig`.
+appendix A; C4: Raffel et al. 2020; RefinedWeb: Penedo et al. 2023) and are all in `FilterConfig`; the
+CJK variants are calibrated on classic Chinese novels, prose and verse (benchmarks/filter_rates.py and
+benchmarks/RESULTS.md), and Chinese verse (`is_verse`) is judged by its own rules.
 """
 from __future__ import annotations
 
