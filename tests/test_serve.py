@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 import urllib.error
 import urllib.request
@@ -155,10 +156,115 @@ def test_bad_requests_get_4xx_json_and_the_server_lives_on(served):
     assert client.completions.create(model=MODEL, prompt="still alive", max_tokens=2).choices
 
 
+def test_text_offset_matches_the_returned_text(served):
+    """Each logged token is the text it adds, so text[text_offset[i]:text_offset[i + 1]] is token i (echoed
+    prompt and completion alike); a greedy token is among its own top_logprobs (lm-evaluation-harness checks)."""
+    server, client, *_ = served
+    # (The requests of the tests above, with logprobs: the same compiled programs.)
+    for prompt, echo, max_tokens in [("It was a fine morning", True, 3), ("Once upon a time", False, 8)]:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=2,
+                                      echo=echo)
+        c = r.choices[0]
+        tokens, offsets = c.logprobs.tokens, c.logprobs.text_offset
+        assert "".join(tokens) == c.text and offsets[0] == 0 and (not echo or c.text.startswith(prompt))
+        for i, token in enumerate(tokens):
+            end = offsets[i + 1] if i + 1 < len(tokens) else len(c.text)
+            assert c.text[offsets[i]:end] == token, (i, token)
+        generated = len(tokens) - r.usage.completion_tokens
+        assert all(tokens[i] in c.logprobs.top_logprobs[i] for i in range(generated, len(tokens)))
+    # Raw HTTP, a token-id prompt with the bos: the bos adds no text, and the offsets still line up.
+    ids = [server.app.tok.bos_id] + server.app.tok.encode("The old man")
+    status, body = post_raw(server.url + "/completions", json.dumps(
+        {"model": MODEL, "prompt": ids, "max_tokens": 3, "temperature": 0, "logprobs": 1, "echo": True}).encode())
+    lp = body["choices"][0]["logprobs"]
+    assert status == 200 and lp["tokens"][0] == "" and "".join(lp["tokens"]) == body["choices"][0]["text"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+
+
+def test_token_texts_follow_byte_fallback_and_leading_spaces(shared_data):
+    """The Llama tokenizer spells rare characters as UTF-8 bytes: the pieces that only start a character add
+    "" and the one that finishes it adds the character; a leading "▁" is a space except at the start."""
+    from jaxllm.serve.logprobs import token_texts
+    tok = Tokenizer(shared_data / "tokenizers" / "llama" / "tokenizer.model")
+    ids = tok.encode("鑫犇 ok 中国")
+    assert "<0xE9>" in [tok.id_to_piece(i) for i in ids]
+    texts, _ = token_texts(tok, ids)
+    assert "".join(texts) == tok.decode(ids) == "鑫犇 ok 中国"
+    assert texts[:4] == ["", "", "", "鑫"] and " ok" in texts
+    texts, alternatives = token_texts(tok, ids, first=len(ids) - 2, alternatives=[[ids[-2]], [tok.piece_to_id("▁A")]])
+    assert texts == ["中", "国"] and alternatives == [["中"], [" A"]]
+
+
+def test_every_request_is_logged_in_one_line(served, caplog):
+    server, client, *_ = served
+    with caplog.at_level("INFO", logger="jaxllm.serve.server"):
+        r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0)
+        list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0, stream=True))
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="nope", prompt="Hello", max_tokens=3)
+        # A stream's line is written when its handler returns, which may be just after the client saw [DONE].
+        deadline = time.monotonic() + 10
+        while len([rec for rec in caplog.records if rec.name == "jaxllm.serve.server"]) < 3 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "jaxllm.serve.server"]
+    tokens = f"tokens={r.usage.prompt_tokens}+{r.usage.completion_tokens}"
+    assert len(lines) == 3 and all(line.startswith("127.0.0.1 POST /v1/completions ") for line in lines)
+    assert sum(f" 200 {tokens} " in line for line in lines) == 2 and sum(" 404 tokens=- " in line for line in lines) == 1
+    assert all(line.endswith("s") and float(line.split()[-1][:-1]) >= 0 for line in lines)
+
+
+def test_api_key_is_required_when_set(served):
+    """--api_key: every /v1 request needs the bearer token (401 in OpenAI's shape otherwise); /health is open."""
+    _, _, params, cfg, tok = served
+    server = Server(params, cfg, tok, model_name=MODEL, port=0, default_max_tokens=4, api_key="s3cret").start()
+    try:
+        bad = openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.models.list()
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        # Without a key (the openai client refuses to send none: raw HTTP).
+        status, body = post_raw(server.url + "/completions", json.dumps({"model": MODEL, "prompt": "hi"}).encode())
+        assert status == 401 and "Authorization: Bearer" in body["error"]["message"]
+        with urllib.request.urlopen(server.url[:-len("/v1")] + "/health", timeout=30) as r:
+            assert r.status == 200
+        good = openai.OpenAI(base_url=server.url, api_key="s3cret", max_retries=0, timeout=120)
+        assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices
+    finally:
+        server.shutdown()
+
+
+def test_serve_command_reads_the_api_key_from_the_environment(served, tmp_path):
+    """`JAXLLM_API_KEY=... jaxllm serve`: the user's command, in its own process, requires that key."""
+    import os
+    import subprocess
+    import sys
+    from jaxllm.checkpoint import save_params
+    _, _, params, cfg, tok = served
+    ckpt = save_params(str(tmp_path / "ckpt"), params, cfg, tok.path)
+    env = {**os.environ, "JAXLLM_API_KEY": "from-env", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "jaxllm", "serve", f"--checkpoint={ckpt}", "--port=0",
+                             "--model_name=m"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "(a bearer API key required)" in line, line
+        url = line.split(" at ")[1].split()[0]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="other", max_retries=0, timeout=60).models.list()
+        assert [m.id for m in openai.OpenAI(base_url=url, api_key="from-env", max_retries=0,
+                                            timeout=60).models.list().data] == ["m"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 @pytest.mark.parametrize("command", [["serve"], ["generate"], ["eval", "ppl"], ["eval", "mcq"], ["eval", "judge"],
                                      ["instruct", "generate"]])
 def test_every_command_has_help(command, capsys):
     from jaxllm.cli import main
     with pytest.raises(SystemExit) as e:
         main(command + ["--help"])
-    assert e.value.code == 0 and "--" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--" in out
+    if command == ["serve"]:
+        assert "--api_key" in out and "JAXLLM_API_KEY" in out

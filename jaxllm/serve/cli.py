@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from pathlib import Path
 
 from jaxllm.cli import DefaultsHelpFormatter
+
+API_KEY_ENV = "JAXLLM_API_KEY"
 
 
 def main(argv: list[str]) -> int:
@@ -19,14 +23,22 @@ def main(argv: list[str]) -> int:
                         "the run was post-trained with, else chat)")
     parser.add_argument("--max_batch", type=int, default=8, help="most rows decoded together")
     parser.add_argument("--max_tokens", type=int, default=256, help="default completion length for chat")
+    parser.add_argument("--api_key", default=None,
+                        help=f"require 'Authorization: Bearer <key>' on /v1 requests (401 otherwise); default: the "
+                        f"{API_KEY_ENV} environment variable (which keeps the key out of the process list), else none")
     args = parser.parse_args(argv)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.warning("serving on %s without an API key: anyone who can reach it can use it (--api_key or %s)",
+                        args.host, API_KEY_ENV)
     from jaxllm.inference import load_for_inference
     from jaxllm.serve.server import Server
     model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
     server = Server(model.params, model.cfg, model.tokenizer,
                     model_name=args.model_name or Path(args.checkpoint).absolute().name,
                     template=args.template or model.template or "chat", host=args.host, port=args.port,
-                    max_batch=args.max_batch, default_max_tokens=args.max_tokens)
-    print(f"serving {server.app.model_name} at {server.url}", flush=True)
+                    max_batch=args.max_batch, default_max_tokens=args.max_tokens, api_key=api_key)
+    auth = "a bearer API key required" if api_key else "no API key"
+    print(f"serving {server.app.model_name} at {server.url} ({auth})", flush=True)
     server.serve_forever()
     return 0
