@@ -31,7 +31,7 @@ from jaxllm.data import dedup
 from jaxllm.data.filters import FilterConfig, first_failure
 from jaxllm.data.formats import RecordError
 from jaxllm.data.sources import open_source, source_files
-from jaxllm.eval.progress import ProgressLog
+from jaxllm.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 EXAMPLES = 3

@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxllm.data import records as records_lib
 from jaxllm.data.sources import open_source, source_files
-from jaxllm.eval.progress import ProgressLog
+from jaxllm.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 

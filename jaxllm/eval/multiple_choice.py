@@ -34,7 +34,7 @@ import numpy as np
 from jaxllm.config import ModelConfig
 from jaxllm.eval.mcq_data import (LETTERS, Question, is_chinese, load_mapping, load_split,  # noqa: F401 (re-exported)
                                   read_csv, subject_of)
-from jaxllm.eval.progress import ProgressLog
+from jaxllm.progress import ProgressLog
 from jaxllm.model.padding import pad_sequences, round_up
 from jaxllm.model.transformer import hidden_states, logits_from_hidden
 

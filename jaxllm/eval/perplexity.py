@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.eval.progress import ProgressLog
+from jaxllm.progress import ProgressLog
 from jaxllm.objectives.lm import token_cross_entropy
 from jaxllm.model.padding import pad_sequences
 from jaxllm.model.transformer import forward

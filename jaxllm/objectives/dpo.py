@@ -17,7 +17,7 @@ from jaxllm import steps
 from jaxllm.checkpoint import load_params
 from jaxllm.config import Config, ConfigError, ModelConfig, init_checkpoint
 from jaxllm.data.chat_pipeline import encoded_pairs_of_run, pair_batch, preference_pipelines
-from jaxllm.eval.progress import ProgressLog
+from jaxllm.progress import ProgressLog
 from jaxllm.model.heads import pair_logprobs
 from jaxllm.model.spec import param_specs
 from jaxllm.objectives import Objective

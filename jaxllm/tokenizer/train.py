@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence, Sized
 
 import sentencepiece as spm
 
-from jaxllm.eval.progress import ProgressLog
+from jaxllm.progress import ProgressLog
 from jaxllm.tokenizer.tokenizer import MODEL_FILENAME, Tokenizer
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
-"""A progress line per interval for evaluation loops that can take minutes (multiple-choice scoring,
-perplexity): counts, percent, rate and time left, through `logging` so tests and library users stay quiet
-unless they ask for INFO."""
+"""A progress line per interval for work that can take minutes (multiple-choice scoring, perplexity, DPO
+reference log-probs, data clean and prepare, tokenizer training); counts, percent, rate and
+time left, through `logging` so tests and library users stay quiet unless they ask for INFO. Standard library
+only, so every room (data, tokenizer, eval, objectives) can use it."""
 from __future__ import annotations
 
 import logging

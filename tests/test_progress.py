@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from jaxllm.eval.progress import ProgressLog
+from jaxllm.progress import ProgressLog
 
 
 def test_one_line_per_interval_with_counts_rate_and_eta(caplog):
