@@ -16,6 +16,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -37,11 +38,24 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
         raise ValueError(f"mesh: data={sizes[0]} × fsdp={sizes[1]} × tensor={sizes[2]} = {math.prod(sizes)} "
                          f"but there are {len(devices)} devices; make the sizes multiply to the device count "
                          f"(or set one of them to -1)")
-    try:  # lays the mesh out along the physical interconnect where jax knows it
-        array = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
-    except Exception:  # noqa: BLE001 - CPU and odd topologies: plain order is fine
-        array = np.asarray(devices).reshape(sizes)
-    return Mesh(array, MESH_AXES)
+    return Mesh(device_grid(sizes, devices), MESH_AXES)
+
+
+def device_grid(sizes: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """Devices arranged as a (data, fsdp, tensor) array along the physical interconnect.
+
+    mesh_utils puts the last (most communicating) axis, tensor, on the closest chips of a TPU torus and orders
+    GPUs by their global id; on CPU it keeps device order. Across TPU slices (multi-slice), the slow data-center
+    network carries only the data axis (one gradient all-reduce per step); fsdp and tensor stay inside a slice."""
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    if devices[0].platform == "tpu" and len(slices) > 1:
+        if sizes[0] % len(slices):
+            raise ValueError(f"mesh: data={sizes[0]} must be a multiple of the {len(slices)} TPU slices (only the "
+                             f"data axis crosses slices); set mesh.data to a multiple of {len(slices)}")
+        inside = [sizes[0] // len(slices), sizes[1], sizes[2]]
+        return mesh_utils.create_hybrid_device_mesh(inside, [len(slices), 1, 1], devices,
+                                                    allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
 
 
 def logical_to_spec(axes: Sequence[str | None], rules, shape: Sequence[int] | None = None,
@@ -98,6 +112,16 @@ def use_rules(mesh: Mesh, rules):
         yield
     finally:
         _active.reset(token)
+
+
+def active_partition_specs(arrays: Sequence[tuple[Sequence[str | None], Sequence[int]]]):
+    """(mesh, PartitionSpecs) for arrays given as (logical axes, shape), under the active `use_rules`; None
+    outside it. For code that must run per device under shard_map (Pallas kernels), without naming mesh axes."""
+    active = _active.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    return mesh, tuple(logical_to_spec(axes, rules, shape, mesh) for axes, shape in arrays)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from jaxllm.sharding import logical_to_spec, make_mesh
+from jaxllm.sharding import device_grid, logical_to_spec, make_mesh
 
 RULES = MeshConfig().rules
 MESHES = {"data8": dict(data=8), "fsdp8": dict(data=1, fsdp=8),
@@ -40,6 +40,31 @@ def test_mesh_sizes_must_multiply_to_the_device_count():
     with pytest.raises(ValueError, match="= 4 but there are 1 devices"):
         make_mesh(MeshConfig(data=2, fsdp=2, tensor=1))
     assert make_mesh(MeshConfig()).shape == {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
+
+
+class FakeDevice:
+    """Stands for an accelerator in the layout functions, which read only these attributes."""
+    def __init__(self, id, platform, slice_index=0):
+        self.id, self.platform, self.slice_index = id, platform, slice_index
+        self.device_kind, self.process_index = f"fake {platform}", 0
+
+    def __repr__(self):
+        return f"{self.platform}:{self.id}"
+
+
+def test_mesh_follows_the_interconnect_through_mesh_utils():
+    # GPUs: mesh_utils orders by the global (topology-aware) id, not the process order jax.devices() gives.
+    gpus = [FakeDevice(i, "gpu") for i in (3, 1, 0, 2)]
+    assert [d.id for d in device_grid([2, 1, 2], gpus).ravel()] == [0, 1, 2, 3]
+    # CPU (fake devices): plain order, and make_mesh builds the same grid.
+    cpus = jax.devices()
+    assert list(make_mesh(MeshConfig()).devices.ravel()) == list(device_grid([len(cpus), 1, 1], cpus).ravel())
+
+
+def test_multislice_mesh_puts_only_the_data_axis_across_slices():
+    tpus = [FakeDevice(i, "tpu", slice_index=i // 4) for i in range(8)]
+    with pytest.raises(ValueError, match="data=1 must be a multiple of the 2 TPU slices"):
+        device_grid([1, 8, 1], tpus)
 
 
 def test_losses_on_sharded_meshes_equal_one_device(tmp_path, english_corpus, tokenizer_path):
