@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from jaxllm.configs.presets import PRESETS
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "attn_out")
 
 
@@ -40,7 +40,9 @@ class ModelConfig:
     init_std: float = 0.02          # standard deviation of the normal initialiser of every matrix
     param_dtype: str = "float32"    # storage and optimizer precision
     compute_dtype: str = "float32"  # matmul precision ("bfloat16" on accelerators)
-    attention_impl: str = "auto"    # "xla" | "cudnn" | "splash" | "auto" (per platform)
+    attention_impl: str = "auto"    # "auto" (per call: the fastest kernel that can run, else xla) | "xla" |
+                                    # "cudnn" (GPU, bf16/fp16) | "pallas" (Triton flash, GPU) | "splash" (TPU)
+    attention_block: int = 128      # tile of the pallas/splash kernels (multiple of 128); lengths are padded to it
     remat: str = "none"             # "none" | "full" | "dots" | "attn_out"
     scan_layers: bool = True        # lax.scan over stacked layers (fast compile) or a Python loop
     valid_vocab_size: int = 0       # ids >= this are padding rows (logits masked); 0 = all rows are real tokens
@@ -60,8 +62,12 @@ class ModelConfig:
         _check(self.position == "alibi" or self.head_dim % 2 == 0, f"{where}.head_dim must be even for RoPE")
         _check(self.attention_impl in ATTENTION_IMPLS,
                f"{where}.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        _check(not (self.position == "alibi" and self.attention_impl == "splash"),
-               f"{where}.attention_impl='splash' takes no bias, so it cannot run ALiBi; use 'xla' or 'cudnn'")
+        _check(not (self.position == "alibi" and self.attention_impl in ("pallas", "splash")),
+               f"{where}.attention_impl={self.attention_impl!r} takes no bias, so it cannot run ALiBi; "
+               f"use 'xla', 'cudnn' or 'auto'")
+        _check(self.attention_block > 0 and self.attention_block % 128 == 0,
+               f"{where}.attention_block must be a positive multiple of 128 (the TPU lane width), "
+               f"got {self.attention_block}")
         _check(self.remat in REMAT_POLICIES, f"{where}.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         for name in ("param_dtype", "compute_dtype"):
             _check(getattr(self, name) in ("float32", "bfloat16", "float16"),

@@ -1,16 +1,23 @@
 """Attention kernels behind one signature, with document masking for packed rows.
 
 All implementations compute softmax(q·kᵀ/√d + bias) v restricted to keys that are (1) not in the future
-and (2) in the same document (equal, non-zero segment id). `xla` is the reference and runs anywhere;
-the others are tested against it on their platforms.
+and (2) in the same document (equal, non-zero segment id); a padding query (segment id 0) gets zeros. `xla` is
+the reference and runs anywhere; `cudnn` (GPU), `pallas` (Triton flash attention, GPU) and `splash` (TPU) are
+tested against it. Which kernel runs, with what constraints and how on a mesh: `kernels.py`.
+
+Debugging a kernel without its accelerator: JAXLLM_PALLAS_INTERPRET=1 runs `pallas` and `splash` in Pallas
+interpret mode on any platform (the real kernel code, slowly), e.g.
+    JAXLLM_PALLAS_INTERPRET=1 jaxllm train --config=pretrain:model=tiny --config.model.attention_impl=splash ...
 """
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
+from jaxllm.model.kernels import choose_kernel, pallas_gpu_attention, splash_attention
 from jaxllm.model.layers import alibi_bias
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # large but finite: a fully masked row stays NaN-free
@@ -29,27 +36,31 @@ def document_mask(q_segment_ids: jax.Array, k_segment_ids: jax.Array, causal: bo
     return same_doc[:, None]
 
 
-def resolve_impl(impl: str) -> str:
-    if impl != "auto":
-        return impl
-    platform = jax.default_backend()
-    return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
-
-
 def attention(q, k, v, *, q_segment_ids, k_segment_ids, q_positions, k_positions, impl: str = "xla",
-              alibi: bool = False) -> jax.Array:
+              alibi: bool = False, block: int = 128, platform: str | None = None) -> jax.Array:
     """q: (batch, q_length, heads, head_dim); k, v: (batch, k_length, kv_heads, head_dim).
-    segment ids and positions: (batch, length) int32. Returns (batch, q_length, heads, head_dim)."""
-    impl = resolve_impl(impl)
-    if impl == "xla":
+    segment ids and positions: (batch, length) int32. Returns (batch, q_length, heads, head_dim).
+
+    impl: "xla", "cudnn", "pallas", "splash" or "auto" (see `kernels.choose_kernel`, which logs auto's choice
+    once); block: the flash kernels' tile, lengths are padded to a multiple; platform: the platform to choose
+    for (default: jax's default backend)."""
+    name, why = choose_kernel(impl, dtype=q.dtype, q_len=q.shape[1], k_len=k.shape[1], head_dim=q.shape[-1],
+                              alibi=alibi, platform=platform or jax.default_backend(), block=block)
+    if impl == "auto":
+        log_choice_once(f"attention_impl='auto' uses {name!r}: {why}")
+    if name == "xla":
         return xla_attention(q, k, v, q_segment_ids, k_segment_ids, q_positions, k_positions, alibi)
-    if impl == "cudnn":
+    if name == "cudnn":
         return cudnn_attention(q, k, v, q_segment_ids, k_segment_ids, q_positions, k_positions, alibi)
-    if impl == "splash":
-        if alibi:
-            raise ValueError("attention_impl='splash' cannot apply ALiBi; use 'xla' or 'cudnn'")
-        return splash_attention(q, k, v, q_segment_ids, k_segment_ids)
-    raise ValueError(f"unknown attention implementation {impl!r}")
+    # The flash kernels attend within one row (same length): q and k share segment ids.
+    kernel = pallas_gpu_attention if name == "pallas" else splash_attention
+    return kernel(q, k, v, q_segment_ids, block=block)
+
+
+@functools.cache
+def log_choice_once(message: str) -> None:
+    """Each distinct choice is logged once per process, not at every layer, shape or retrace."""
+    logging.getLogger(__name__).info(message)
 
 
 def xla_attention(q, k, v, q_segment_ids, k_segment_ids, q_positions, k_positions, alibi):
@@ -79,27 +90,3 @@ def cudnn_attention(q, k, v, q_segment_ids, k_segment_ids, q_positions, k_positi
         bias = alibi_bias(q_positions, k_positions, q.shape[2]).astype(q.dtype)
     mask = document_mask(q_segment_ids, k_segment_ids)                        # (batch, 1, q_length, k_length)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="cudnn")
-
-
-@functools.lru_cache(maxsize=16)
-def _splash_kernel(heads: int, q_len: int, k_len: int):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-    mask = sm.MultiHeadMask([sm.CausalMask((q_len, k_len)) for _ in range(heads)])
-    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
-
-
-def splash_attention(q, k, v, q_segment_ids, k_segment_ids):
-    """Pallas splash attention on TPU, causal with segment ids (TPU only).
-
-    The kernel works per example on (heads, length, head_dim) and wants K/V with all query heads."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    batch, q_len, heads, head_dim = q.shape
-    groups = heads // k.shape[2]
-    kernel = _splash_kernel(heads, q_len, k.shape[1])
-    qt = jnp.swapaxes(q * (head_dim ** -0.5), 1, 2)                            # (batch, heads, q_length, head_dim)
-    kt = jnp.swapaxes(jnp.repeat(k, groups, axis=2), 1, 2)                     # (batch, heads, k_length, head_dim)
-    vt = jnp.swapaxes(jnp.repeat(v, groups, axis=2), 1, 2)
-    segments = sk.SegmentIds(q=q_segment_ids, kv=k_segment_ids)
-    out = jax.vmap(kernel)(qt, kt, vt, segment_ids=segments)                   # (batch, heads, q_length, head_dim)
-    return jnp.swapaxes(out, 1, 2)

@@ -62,7 +62,7 @@ def attention_block(x, p, segment_ids, positions, cfg: ModelConfig, cache=None, 
         cache = dict(cache, k=write(cache["k"], k), v=write(cache["v"], v))
     if cache is None or x.shape[1] > 1:
         out = attention(q, k, v, q_segment_ids=segment_ids, k_segment_ids=segment_ids, q_positions=positions,
-                        k_positions=positions, impl=cfg.attention_impl, alibi=alibi)
+                        k_positions=positions, impl=cfg.attention_impl, alibi=alibi, block=cfg.attention_block)
     else:
         # Slots not written yet carry segment id 0, so the one query can attend over all T slots (the causal
         # part of the mask is trivially true for a single query). Flash kernels (cudnn, splash) are built for
