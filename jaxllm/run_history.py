@@ -9,7 +9,8 @@ Allowed on resume (they change how the run is watched, saved or laid out on devi
 state or the data order means):
   train.steps (more only), train.log_every, train.eval_every, train.eval_batches, train.eval_at_start,
   train.save_every, train.keep_checkpoints, train.async_checkpointing, train.peak_tflops,
-  mesh.* (a checkpoint restores into any mesh), model.attention_impl, model.remat (how to compute, not what),
+  mesh.* (a checkpoint restores into any mesh), model.attention_impl, model.attention_block, model.remat
+  (how to compute, not what),
   reward.histogram_bins (a plot), log.* (where metrics go).
 Never compared: workdir (a moved workdir still resumes) and allow_config_change itself. The tokenizer path is
 compared by the file's content: the same tokenizer at another path is no change.
@@ -30,7 +31,8 @@ HISTORY_DIR = "config_history"
 NEVER_COMPARED = ("workdir", "allow_config_change")
 ALLOWED_ON_RESUME = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.eval_at_start", "train.save_every", "train.keep_checkpoints",
-                     "train.async_checkpointing", "train.peak_tflops", "model.attention_impl", "model.remat",
+                     "train.async_checkpointing", "train.peak_tflops", "model.attention_impl",
+                     "model.attention_block", "model.remat",
                      "reward.histogram_bins")
 ALLOWED_SECTIONS = ("mesh.", "log.")
 
@@ -107,7 +109,7 @@ def check_config_change(workdir: Path, old: dict, new: dict, newest_step: int | 
             f"{workdir / 'config.json'} describes the checkpoints in {workdir} (newest: step {newest_step}), and "
             f"this run changes {'; '.join(map(str, refused))}. Resuming allows changes only to more "
             f"train.steps, eval/log/save cadence, keep_checkpoints, async_checkpointing, peak_tflops, the mesh, "
-            f"attention_impl, remat and log.*. Use a new --config.workdir, or pass "
+            f"attention_impl, attention_block, remat and log.*. Use a new --config.workdir, or pass "
             f"--config.allow_config_change=true to resume with these changes (recorded in "
             f"{workdir / HISTORY_DIR}/)")
     return changes, ("--config.allow_config_change=true" if refused else "allowed on resume")

@@ -28,7 +28,7 @@ from jaxllm.tokenizer import Tokenizer, train_tokenizer
 
 # Fields of the run's model config that say how to compute, not what the weights are: these stay the run's
 # own when the architecture comes from `init_from`.
-RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "attention_impl", "remat", "scan_layers")
+RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "attention_impl", "attention_block", "remat", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
