@@ -106,6 +106,17 @@ def _model_for_plan(cfg: Config):
     return dataclasses.replace(cfg.model, vocab_size=vocab_for_plan(cfg)[0])
 
 
+def attention_kernel(model, seq_len: int, chip: str | None) -> str:
+    """The kernel the training step would run on `chip` (or on this backend), by the kernels' own constraints
+    (model/kernels.py), so the plan counts the attention memory of the kernel that will really run."""
+    from jaxllm.model.kernels import choose_kernel
+
+    platform = ("tpu" if chip in _TPUS else "gpu") if chip else jax.default_backend()
+    return choose_kernel(model.attention_impl, dtype=model.compute_dtype, q_len=seq_len, k_len=seq_len,
+                         head_dim=model.head_dim, alibi=model.position == "alibi", platform=platform,
+                         block=model.attention_block)[0]
+
+
 def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> dict:
     """Bytes per device of params, optimizer state, gradients, the batch and activations (estimate), for the
     LM train step of `cfg` on a mesh of cfg.mesh's sizes; nothing is allocated. chip: a name of CHIPS."""
@@ -128,10 +139,7 @@ def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> di
     batch, seq_len = cfg.train.batch_size, cfg.data.seq_len
     batch_shards = sizes["data"] * sizes["fsdp"] if batch % (sizes["data"] * sizes["fsdp"]) == 0 else 1
     tokens_per_device = batch // accum * seq_len / batch_shards
-    attention = model.attention_impl
-    if attention == "auto":
-        attention = ("splash" if chip in _TPUS else "cudnn" if chip in CHIPS else
-                     {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla"))
+    attention = attention_kernel(model, seq_len, chip)
     out = {
         "model": model, "vocab_source": vocab_source, "parameters": count_params(model), "mesh": sizes,
         "devices": math.prod(sizes.values()),
@@ -150,16 +158,14 @@ def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> di
     return out
 
 
-def compiled_memory(cfg: Config) -> dict:
-    """XLA's memory analysis of the compiled LM train step on this backend's devices (per device, bytes):
-    arguments, outputs, temporaries, aliased (donated) bytes and the peak they imply."""
+def _lowered_step(cfg: Config, model):
+    """The LM train step of `cfg` with `model`, lowered for this backend's devices from abstract shapes."""
     from jaxllm import sharding
     from jaxllm.model.spec import param_specs
     from jaxllm.objectives import lm
     from jaxllm.optim import make_optimizer
     from jaxllm.steps import state_shardings
 
-    model = _model_for_plan(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     abstract, state_sh = state_shardings(param_specs(model), tx, mesh, cfg.mesh.rules)
@@ -173,12 +179,51 @@ def compiled_memory(cfg: Config) -> dict:
                    in_shardings=(state_sh, {k: batch_sh for k in batch}, None), out_shardings=(state_sh, None),
                    donate_argnums=(0,))
     with sharding.use_rules(mesh, cfg.mesh.rules):
-        analysis = step.lower(state, batch, {}).compile().memory_analysis()
+        return step.lower(state, batch, {})
+
+
+def compiled_memory(cfg: Config) -> dict:
+    """XLA's memory analysis of the compiled LM train step on this backend's devices (per device, bytes):
+    arguments, outputs, temporaries, aliased (donated) bytes and the peak they imply."""
+    analysis = _lowered_step(cfg, _model_for_plan(cfg)).compile().memory_analysis()
     if analysis is None:
         raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis")
     out = {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     return out
+
+
+def _xla_flops(cfg: Config, model) -> float:
+    """FLOPs of one compiled train step, from XLA's cost analysis (summed over devices)."""
+    cost = _lowered_step(cfg, model).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost   # older jax: one dict per device program
+    if not cost or "flops" not in cost:
+        raise RuntimeError(f"the {jax.default_backend()} backend gives no cost analysis")
+    return float(cost["flops"]) * jax.device_count() if cost.get("flops") else 0.0
+
+
+def compiled_flops(cfg: Config) -> dict:
+    """The train step's FLOPs as XLA compiles it, beside the model FLOPs of the PaLM formula (spec.flops_per_token).
+
+    XLA's cost analysis counts the body of a loop once, not once per trip, so a scanned stack of L layers (and a
+    scanned gradient accumulation) would be undercounted L-fold. The step is therefore compiled unrolled, with
+    one micro-batch, at 1 and at 2 layers: the difference is one layer's FLOPs, the rest is the embedding, head,
+    loss and optimizer, and the L-layer step is their linear extrapolation (exact: layers are identical). Nothing
+    is allocated; a 7B model costs two small compiles. A ratio near 1 means no wasted compute; remat recompute,
+    repeated K/V or masked-out attention blocks all raise it."""
+    from jaxllm.model.spec import flops_per_token
+
+    model = _model_for_plan(cfg)
+    accum = cfg.optim.grad_accum_steps
+    micro = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size // accum),
+                                optim=dataclasses.replace(cfg.optim, grad_accum_steps=1))
+    one, two = (_xla_flops(micro, dataclasses.replace(model, num_layers=n, scan_layers=False)) for n in (1, 2))
+    per_layer = two - one
+    xla = accum * (one + (model.num_layers - 1) * per_layer)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    palm = flops_per_token(model, cfg.data.seq_len) * tokens
+    return {"xla_flops": xla, "model_flops": palm, "ratio": xla / palm, "per_layer_flops": accum * per_layer,
+            "tokens": tokens, "backend": jax.default_backend()}
 
 
 def fits(p: dict, chip: str, compiled: dict | None = None) -> bool:
@@ -197,7 +242,7 @@ def _size(n: float) -> str:
     return f"{n:8.0f} B"
 
 
-def format_plan(p: dict, chip: str | None = None, compiled: dict | None = None) -> str:
+def format_plan(p: dict, chip: str | None = None, compiled: dict | None = None, flops: dict | None = None) -> str:
     m, sizes = p["model"], p["mesh"]
     lines = [
         f"model: {count_text(p['parameters'])} parameters (d_model {m.d_model}, {m.num_layers} layers, vocab "
@@ -217,6 +262,10 @@ def format_plan(p: dict, chip: str | None = None, compiled: dict | None = None) 
         lines.append(f"compiled train step (XLA memory analysis, {jax.default_backend()}): arguments "
                      f"{_size(compiled['argument']).strip()}, temporaries {_size(compiled['temp']).strip()}, peak "
                      f"{_size(compiled['peak']).strip()}")
+    if flops:
+        lines.append(f"compiled train step (XLA cost analysis, {flops['backend']}): {flops['xla_flops']:.4g} FLOPs "
+                     f"for {flops['tokens']} tokens; PaLM model FLOPs {flops['model_flops']:.4g}; ratio "
+                     f"{flops['ratio']:.3f} (1 = no wasted compute; remat recompute and masked attention raise it)")
     if chip:
         verdict = "fits" if fits(p, chip, compiled) else "DOES NOT FIT"
         lines.append(f"{chip}: {CHIPS[chip]} GB per device -> {verdict} "

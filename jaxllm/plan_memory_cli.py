@@ -19,6 +19,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="also compile the train step here and print XLA's memory analysis (needs the "
                              "mesh's devices on this backend)")
+    parser.add_argument("--flops", action="store_true",
+                        help="also compile the train step here from abstract shapes (unrolled, 1 and 2 layers) and "
+                             "compare XLA's FLOPs with the PaLM formula's model FLOPs")
     config_args = [a for a in argv if a.startswith("--config")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config")])
     import jax
@@ -36,7 +39,8 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--compile needs the mesh's {p['devices']} devices; this backend has "
                              f"{jax.device_count()} ({jax.default_backend()})")
         compiled = plan_memory.compiled_memory(cfg)
-    print(plan_memory.format_plan(p, args.chip, compiled))
+    flops = plan_memory.compiled_flops(cfg) if args.flops else None
+    print(plan_memory.format_plan(p, args.chip, compiled, flops))
     if args.chip and not plan_memory.fits(p, args.chip, compiled):
         print(f"WARNING: this run does not fit a {args.chip} ({plan_memory.CHIPS[args.chip]} GB per device, "
               f"{plan_memory.FIT_FRACTION:.0%} usable): shard further (mesh.fsdp), remat more (model.remat=full), "
