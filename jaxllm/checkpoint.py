@@ -422,9 +422,14 @@ def load_params(path: str, shardings=None) -> tuple[dict, ModelConfig, str | Non
 def import_hf(hf_dir: str, out_dir: str) -> str:
     """Hugging Face Llama directory -> standalone jaxllm checkpoint (params, model config, tokenizer)."""
     from jaxllm.model.convert import from_hf
+    from jaxllm.data.templates import model_template, save_template
     params, model_cfg = from_hf(hf_dir)
     tok = Path(hf_dir) / TOKENIZER_FILE
-    return save_params(out_dir, params, model_cfg, str(tok) if tok.exists() else None)
+    out = save_params(out_dir, params, model_cfg, str(tok) if tok.exists() else None)
+    own = model_template(hf_dir)          # the model's chat template comes along, the default of SFT and serving
+    if own is not None:
+        save_template(out, own)
+    return out
 
 
 def export_hf(checkpoint: str, out_dir: str) -> str:

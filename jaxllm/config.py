@@ -104,7 +104,9 @@ class DataConfig:
     train: tuple[str, ...] = ()     # instruction or preference files (JSON array or JSON Lines)
     eval: tuple[str, ...] = ()      # held-out record files; empty = hold out eval_fraction of `train`
     format: str = "auto"            # "auto" (detected per file) | "alpaca" | "sharegpt" | "messages"
-    template: str = "alpaca"        # prompt template (data/templates.py): "alpaca", "alpaca_zh", "chat"
+    template: str = "auto"          # chat template (data/templates.py): "auto" = init_from's own, else alpaca;
+                                    # a built-in (alpaca, alpaca_zh, chat, chatml, qwen2.5, llama3, llama2), a
+                                    # .jinja file, or a folder / tokenizer_config.json carrying a chat_template
     overlong: str = "skip"          # a sample longer than seq_len: "skip" or "truncate_prompt" (from the left)
     pack: bool = True               # SFT: pack several samples per row (document-masked)
     on_error: str = "raise"         # a malformed record: "raise" (file:line:field) or "skip" (counted)

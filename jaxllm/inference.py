@@ -2,13 +2,13 @@
 chat template the model was trained with, as one value that generate, eval and serve share.
 
 Checkpoint forms (checkpoint.py): a run workdir (its newest step), one step's directory, a converted checkpoint,
-or a Hugging Face directory. Only a run records how it was trained, so only a run gives a template, and only
-when its objective read chat-formatted data: an `lm` run's config names a template it never used.
+or a Hugging Face directory. The template is the Jinja text the model carries (data/templates.model_template:
+chat_template.jinja of a run or a checkpoint, an HF folder's tokenizer_config.json); a model that carries none
+(pretrained from scratch) has None.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import checkpoint
 from jaxllm.config import ModelConfig
+from jaxllm.data.templates import ChatTemplate, model_template
 from jaxllm.tokenizer import Tokenizer
 
 
@@ -25,7 +26,7 @@ class InferenceModel:
     params: Any              # nested dict of arrays (a reward model's head too, when saved with the decoder)
     cfg: ModelConfig
     tokenizer: Tokenizer
-    template: str | None     # data/templates.py name the model was post-trained with; None: pretrained or unknown
+    template: ChatTemplate | None   # the chat template the model was trained with (or its own); None: none
 
 
 def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: Mesh | None = None,
@@ -46,9 +47,6 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: Mesh | 
         cfg.validate()
     if mesh is not None:
         params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-    template = None
-    if description["kind"] == "run":
-        run_dir = Path(description["step_dir"]).parent.parent      # <workdir>/checkpoints/<step>
-        run_config = json.loads((run_dir / checkpoint.RUN_CONFIG_FILE).read_text())
-        template = None if run_config["objective"] == "lm" else run_config["data"]["template"]
+    where = next(description[k] for k in ("step_dir", "params_dir", "hf_dir") if k in description)
+    template = model_template(Path(where).parent if description["kind"] == "params" else where)
     return InferenceModel(params, cfg, Tokenizer(tokenizer or saved_tokenizer), template)

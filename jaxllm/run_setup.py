@@ -3,7 +3,7 @@ of init_from, the mesh and the workdir.
 
     config ──architecture of init_from──▶ tokenizer (given, init_from's, the workdir's, or trained)
       ──vocabulary fitted to the tokenizer (resized when init_from's is smaller)──▶ resolved config
-      ──▶ workdir/config.json + tokenizer.model, mesh
+      ──▶ workdir/config.json + tokenizer.model (+ chat_template.jinja), mesh
 
 The resolved config is what workdir/config.json holds, so a resumed run restores the same shapes.
 """
@@ -22,6 +22,7 @@ from jaxllm import distributed, run_history, sharding
 from jaxllm.checkpoint import (RUN_CONFIG_FILE, TOKENIZER_FILE, checkpoint_steps, describe_checkpoint,
                                load_params)
 from jaxllm.config import Config, ConfigError, init_checkpoint
+from jaxllm.data import templates
 from jaxllm.model.resize import check_tokenizer_size, resize_vocab, resized_config, token_rows
 from jaxllm.objectives.lm import lm_documents
 from jaxllm.tokenizer import Tokenizer, train_tokenizer
@@ -142,6 +143,23 @@ def prepare_workdir(cfg: Config, tokenizer: Tokenizer) -> None:
             shutil.copyfile(tokenizer.path, saved_tokenizer)
 
 
+def save_run_template(cfg: Config) -> templates.ChatTemplate | None:
+    """The run's chat template, written as <workdir>/chat_template.jinja (process 0) so generate, serve, score,
+    judge and exports use the text it was trained with: a run of chat records (data.train) renders them with
+    data.template ("auto": init_from's own, else alpaca); a run of documents passes init_from's own on."""
+    init = init_checkpoint(cfg)
+    if cfg.data.train:
+        template, how = templates.run_template(cfg.data.template, init), f"data.template={cfg.data.template}"
+    else:
+        template, how = templates.model_template(init), "init_from's own, passed on"
+    if template is None:
+        return None
+    logging.info("chat template: %s; %s", template.describe(), how)
+    if jax.process_index() == 0:
+        templates.save_template(cfg.workdir, template)
+    return template
+
+
 def setup_run(cfg: Config) -> RunSetup:
     """The resolved config, tokenizer and mesh of a run; writes its workdir's config.json and tokenizer."""
     nproc = jax.process_count()
@@ -153,6 +171,7 @@ def setup_run(cfg: Config) -> RunSetup:
     cfg = fit_run_to_tokenizer(cfg, tokenizer.vocab_size, init_tokenizer)   # init_from + a larger tokenizer
     cfg = resolve_model_vocab(dataclasses.replace(cfg, tokenizer=str(Path(tokenizer.path).absolute())), tokenizer)
     prepare_workdir(cfg, tokenizer)
+    save_run_template(cfg)
     return RunSetup(cfg, tokenizer, init_tokenizer, sharding.make_mesh(cfg.mesh))
 
 

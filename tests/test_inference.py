@@ -67,8 +67,8 @@ def test_every_checkpoint_form_gives_the_same_logits_as_transformers(checkpoints
 
 def test_template_is_the_runs_for_post_training_and_none_otherwise(checkpoints, tmp_path):
     paths, _ = checkpoints
-    assert load_for_inference(str(paths["run"])).template == "chat"
-    assert load_for_inference(str(paths["step"])).template == "chat"
+    assert load_for_inference(str(paths["run"])).template.name == "chat"
+    assert load_for_inference(str(paths["step"])).template.name == "chat"
     assert load_for_inference(str(paths["converted"])).template is None
     assert load_for_inference(str(paths["hf"])).template is None
     # A pretraining run names a template in its config but never trained with one.

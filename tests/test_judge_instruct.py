@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxllm.config import ModelConfig
-from jaxllm.data.templates import encode_segments, render
+from jaxllm.data.templates import encode_prompt
 from jaxllm.eval import judge
 from jaxllm.eval.client import ChatClient
 from jaxllm.instruct import self_instruct as si
@@ -33,8 +33,7 @@ def planted_server():
     if not spm.exists():
         pytest.skip(f"{spm} is absent (developer and CI machines have it beside the checkout)")
     tok = Tokenizer(spm)
-    segments = render([{"role": "user", "content": "x"}], "chat", add_generation_prompt=True)
-    prompt_end = encode_segments(segments, tok)[0][-1]
+    prompt_end = encode_prompt([{"role": "user", "content": "x"}], "chat", tok)[-1]
     chain = [prompt_end] + [tok.piece_to_id(p) for p in ("8", ",", "3")] + [tok.eos_id]
     d = len(chain)
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=d, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,

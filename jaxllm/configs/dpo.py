@@ -8,7 +8,8 @@ The init_from model is both the starting policy and the frozen reference. data.t
 for configs/reward.py; data.eval: held-out pairs, or empty to hold out data.eval_fraction of them. The DPO
 knobs (dpo.beta, dpo.loss: sigmoid / cDPO with dpo.label_smoothing / ipo, dpo.reference: cached or online)
 keep their defaults (jaxllm/config.py DPOConfig). Arguments: `model=<preset>` (default tiny),
-`template=alpaca|alpaca_zh|chat` (the SFT model's). Every other field is configs/pretrain.py's.
+`template=auto|<built-in>|<.jinja file>` (the SFT model's; auto
+reads it from init_from). Every other field is configs/pretrain.py's.
 """
 from jaxllm.configs.post_training import post_training_config
 

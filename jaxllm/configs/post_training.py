@@ -11,7 +11,7 @@ def post_training_config(arg: str, seq_len: tuple[int, int], eval_fraction: floa
     tiny = model == "tiny"
     c = pretrain.config_for_model(model)
     c.data.eval_fraction = eval_fraction  # share of records held out when data.eval is empty
-    c.data.template = args.get("template", "alpaca")  # "alpaca", "alpaca_zh" or "chat": the SFT model's
+    c.data.template = args.get("template", "auto")  # "auto": init_from's own chat template, else alpaca
     c.data.overlong = "truncate_prompt"  # too long: cut the prompt from the left ("skip" drops the record)
     c.data.seq_len = seq_len[0] if tiny else seq_len[1]            # tokens per row
     c.model.max_seq_len = max(c.model.max_seq_len, c.data.seq_len)   # positions up to data.seq_len

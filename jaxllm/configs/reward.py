@@ -8,7 +8,8 @@ init_from is the SFT or pretrained model; a scalar head is added on top. data.tr
 (prompt/chosen/rejected, LLaMA-Factory or MedicalGPT layouts); data.eval: held-out pairs, or empty to hold out
 data.eval_fraction of them. Writes plots/reward_gap_hist_step*.png and plots/reward_gap_curve.png (the
 chosen-minus-rejected gap on held-out pairs at every evaluation). Arguments: `model=<preset>` (default tiny),
-`template=alpaca|alpaca_zh|chat` (the SFT model's). Every other field is configs/pretrain.py's.
+`template=auto|<built-in>|<.jinja file>` (the SFT model's; auto
+reads it from init_from). Every other field is configs/pretrain.py's.
 """
 from jaxllm.configs.post_training import post_training_config
 

@@ -7,8 +7,9 @@ Run:
 init_from is the pretrained model (a jaxllm checkpoint or a Hugging Face dir; its tokenizer comes along).
 data.train: instruction files (JSON array or JSON Lines), layout detected per file (data.format); data.eval:
 held-out files, or empty to hold out data.eval_fraction of the records. Samples are packed several per row,
-never attending to each other (data.pack). Arguments: `model=<preset>` (default tiny), `template=alpaca|
-alpaca_zh|chat` (e.g. `--config=sft:model=125m,template=chat`). Every other field is configs/pretrain.py's.
+never attending to each other (data.pack). Arguments: `model=<preset>` (default tiny), `template=auto|alpaca|
+alpaca_zh|chat|chatml|qwen2.5|llama3|llama2` (e.g. `--config=sft:model=125m,template=chatml`; auto, the default,
+is init_from's own chat template, else alpaca). Every other field is configs/pretrain.py's.
 """
 from jaxllm.configs.post_training import post_training_config
 

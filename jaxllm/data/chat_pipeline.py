@@ -24,7 +24,8 @@ import numpy as np
 from jaxllm.config import Config, ConfigError
 from jaxllm.data.formats import load_pairs
 from jaxllm.data.sources import split_heldout
-from jaxllm.data.templates import Segment, encode_segments, get_template, render
+from jaxllm.data import templates
+from jaxllm.data.templates import ChatTemplate, encode_chat, get_template, run_template
 
 
 @dataclasses.dataclass
@@ -77,13 +78,15 @@ def _skip_counts(skipped: dict) -> str:
     return ", ".join(f"{v} skipped: {k}" for k, v in skipped.items())
 
 
-def encode_sft(conversations: Sequence[list[dict]], tokenizer, *, template: str, seq_len: int,
+def encode_sft(conversations: Sequence[list[dict]], tokenizer, *, template: "ChatTemplate | str", seq_len: int,
                overlong: str = "skip") -> list[Encoded]:
-    """Conversations -> token ids and assistant masks; skips are counted and logged, and dropping more than
-    TOO_LONG_WARNING of them as too long warns with the seq_len that would keep 95%."""
+    """Conversations -> token ids and assistant masks (templates.encode_chat: every answer and its end marker);
+    skips are counted and logged, and dropping more than TOO_LONG_WARNING of them as too long warns with the
+    seq_len that would keep 95%."""
+    template = get_template(template)
     out, skipped, lengths = [], {"too long": 0, "no trainable token": 0}, []
     for conv in conversations:
-        ids, mask = encode_segments(render(conv, template), tokenizer)
+        ids, mask = encode_chat(conv, template, tokenizer)
         lengths.append(shortest_fit(ids, mask, overlong))
         fitted = _fit(ids, mask, seq_len, overlong)
         if fitted is None:
@@ -196,40 +199,34 @@ def sft_pipeline(samples: Sequence[Encoded], *, seq_len: int, batch_size: int, s
 # ---------------------------------------------------------------------------------------------------------
 # Preference pairs.
 
-def encode_response(prompt_ids: list[int], response: str, tokenizer, *, suffix: str, seq_len: int,
+def encode_response(prompt: list[dict], response: str, tokenizer, template: "ChatTemplate | str", *, seq_len: int,
                     overlong: str) -> dict | None:
-    """A rendered prompt's ids + one response (its tokens carry the mask) -> {"ids", "train_mask"}, or None
-    when it does not fit even with the prompt cut (overlong="truncate_prompt") or at all ("skip")."""
-    fitted = _fit(*response_ids(prompt_ids, response, tokenizer, suffix=suffix), seq_len, overlong)
+    """A prompt conversation + one response (its answer span carries the mask) -> {"ids", "train_mask"}, or
+    None when it does not fit even with the prompt cut (overlong="truncate_prompt") or at all ("skip")."""
+    fitted = _fit(*response_ids(prompt, response, tokenizer, template), seq_len, overlong)
     return None if fitted is None else {"ids": fitted[0], "train_mask": fitted[1]}
 
 
-def response_ids(prompt_ids: list[int], response: str, tokenizer, *, suffix: str) -> tuple[list[int], list[int]]:
-    """(ids, mask) of the prompt followed by the response, uncut: the mask covers the response and its eos."""
-    resp, resp_mask = encode_segments([Segment(response + suffix, True, eos_after=True)], tokenizer, add_bos=False)
-    return prompt_ids + resp, [0] * len(prompt_ids) + resp_mask
+def response_ids(prompt: list[dict], response: str, tokenizer, template) -> tuple[list[int], list[int]]:
+    """(ids, mask) of the prompt followed by the response as the template renders it, uncut: the mask covers
+    the response and its end marker."""
+    return encode_chat(list(prompt) + [{"role": "assistant", "content": response}], template, tokenizer, train="last")
 
 
 def encode_prompt(prompt: list[dict], tokenizer, template) -> list[int]:
     """The ids of a conversation rendered up to the assistant's turn (the generation prompt)."""
-    return encode_segments(render(prompt, template, add_generation_prompt=True), tokenizer)[0]
+    return templates.encode_prompt(prompt, template, tokenizer)
 
 
-def assistant_suffix(template) -> str:
-    """What the template appends to an assistant's answer (a template name or a Template)."""
-    return get_template(template).assistant_suffix if isinstance(template, str) else template.assistant_suffix
-
-
-def encode_pairs(pairs: Sequence[dict], tokenizer, *, template: str, seq_len: int,
+def encode_pairs(pairs: Sequence[dict], tokenizer, *, template: "ChatTemplate | str", seq_len: int,
                  overlong: str = "truncate_prompt") -> list[dict]:
     """Each pair -> {"chosen": {ids, train_mask}, "rejected": {...}, "margin"}; the prompt is shared, the
     responses carry the mask. Over-long pairs lose prompt tokens from the left, or are skipped (counted; more
     than TOO_LONG_WARNING of them warns with the seq_len that would keep 95%)."""
     out, too_long, lengths = [], 0, []
-    suffix = assistant_suffix(template)
+    template = get_template(template)
     for pair in pairs:
-        prompt_ids = encode_prompt(pair["prompt"], tokenizer, template)
-        full = {side: response_ids(prompt_ids, pair[side], tokenizer, suffix=suffix) for side in ("chosen", "rejected")}
+        full = {side: response_ids(pair["prompt"], pair[side], tokenizer, template) for side in ("chosen", "rejected")}
         lengths.append(max(shortest_fit(ids, mask, overlong) for ids, mask in full.values()))
         fitted = {side: _fit(ids, mask, seq_len, overlong) for side, (ids, mask) in full.items()}
         if None in fitted.values():
@@ -294,8 +291,8 @@ def train_and_eval_records(cfg: Config, load) -> tuple[list, list]:
 def encoded_pairs_of_run(cfg: Config, tokenizer) -> tuple[list[dict], list[dict]]:
     """(training, held-out) preference pairs of a run, encoded."""
     train, held = train_and_eval_records(cfg, functools.partial(load_pairs, on_error=cfg.data.on_error))
-    encode = functools.partial(encode_pairs, tokenizer=tokenizer, template=cfg.data.template,
-                               seq_len=cfg.data.seq_len, overlong=cfg.data.overlong)
+    encode = functools.partial(encode_pairs, tokenizer=tokenizer, seq_len=cfg.data.seq_len,
+                               template=run_template(cfg.data.template, cfg.init_from), overlong=cfg.data.overlong)
     return encode(train), encode(held)
 
 

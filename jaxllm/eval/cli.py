@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from jaxllm.cli import DefaultsHelpFormatter
@@ -66,8 +67,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--questions", required=True, help="BELLE eval_set.json or FastChat question.jsonl")
     p.add_argument("--answers_a", required=True, help="JSON Lines answers of model A")
     p.add_argument("--answers_b", required=True, help="JSON Lines answers of model B")
-    p.add_argument("--judge_url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--judge_model", required=True, help="model id to send")
+    p.add_argument("--judge_url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--judge_model", default=None, help="model id to send (with --judge_url)")
+    p.add_argument("--judge_checkpoint", default=None, help="judge with this checkpoint in-process instead of an "
+                   "endpoint (run workdir, step dir, converted or Hugging Face dir)")
+    p.add_argument("--template", default=None, help="--judge_checkpoint's chat template (a built-in name, a .jinja "
+                   "file or a folder carrying one; default: the checkpoint's own, else chat)")
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--out", default="judge", help="directory for judgements.jsonl and summary.json (resumes)")
     p.add_argument("--parallel", type=int, default=4, help="judge calls in flight")
@@ -78,10 +83,25 @@ def main(argv: list[str]) -> int:
     if args.what == "judge":
         from jaxllm.eval import judge
         from jaxllm.eval.client import ChatClient
+        if bool(args.judge_url) == bool(args.judge_checkpoint) or (args.judge_url and not args.judge_model):
+            parser.error("judge with --judge_url and --judge_model (an endpoint) or --judge_checkpoint (in-process)")
         questions = judge.load_questions(args.questions)[:args.max_questions]
-        client = ChatClient(args.judge_url, args.judge_model, api_key_env=args.api_key_env)
-        summary = judge.run_judge(questions, judge.load_answers(args.answers_a), judge.load_answers(args.answers_b),
-                                  client, args.out, parallel=args.parallel, max_tokens=args.max_tokens)
+        answers_a, answers_b = judge.load_answers(args.answers_a), judge.load_answers(args.answers_b)
+        if args.judge_url:
+            logging.info("judge: %s at %s; the endpoint applies its own chat template", args.judge_model,
+                         args.judge_url)
+            client = ChatClient(args.judge_url, args.judge_model, api_key_env=args.api_key_env)
+        else:
+            from jaxllm.data.templates import chosen_template
+            from jaxllm.inference import load_for_inference
+            model = load_for_inference(args.judge_checkpoint)
+            client = judge.LocalJudge(model.params, model.cfg, model.tokenizer,
+                                      chosen_template(args.template, model.template, "judge", fallback="chat"))
+        try:
+            summary = judge.run_judge(questions, answers_a, answers_b, client, args.out, parallel=args.parallel,
+                                      max_tokens=args.max_tokens)
+        finally:
+            getattr(client, "close", lambda: None)()
         print(judge.format_table(summary))
         print(f"wrote {Path(args.out) / 'summary.json'} and judgements.jsonl")
         return 0
@@ -130,22 +150,25 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--top_p", type=float, default=0.95, help="nucleus: smallest set with this probability")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     parser.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
-    parser.add_argument("--template", default=None, help="wrap each prompt as a user turn of this chat template")
+    parser.add_argument("--template", default=None, help="wrap each prompt as a user turn of this chat template (a "
+                        "built-in name, a .jinja file or a folder carrying one; default: the model's own; none: raw)")
     args = parser.parse_args(argv)
-    from jaxllm.data.templates import encode_segments, render
+    from jaxllm.data.templates import chosen_template, encode_prompt, stop_markers
     from jaxllm.inference import load_for_inference
     from jaxllm.model.generate import SamplingParams, generate
     model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
     tok = model.tokenizer
-    if args.template:
-        prompts = [encode_segments(render([{"role": "user", "content": p}], args.template, add_generation_prompt=True),
-                                   tok)[0] for p in args.prompt]
+    template = chosen_template(args.template, model.template, "generate")
+    if template is not None:
+        prompts = [encode_prompt([{"role": "user", "content": p}], template, tok) for p in args.prompt]
+        stop_ids, stops = stop_markers(template, tok)
     else:
         prompts = [tok.encode(p, add_bos=tok.bos_id >= 0) for p in args.prompt]
+        stop_ids, stops = ((tok.eos_id,) if tok.eos_id >= 0 else ()), ()
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
-                              stop_ids=(tok.eos_id,) if tok.eos_id >= 0 else ())
+                              top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop) + stops,
+                              stop_ids=stop_ids)
     for prompt, c in zip(args.prompt, generate(model.params, model.cfg, prompts, sampling, tokenizer=tok)):
         print(f"--- {prompt!r} ({len(c.tokens)} tokens, {c.finish_reason})")
-        print(prompt + c.text if not args.template else c.text)
+        print(prompt + c.text if template is None else c.text)
     return 0

@@ -13,6 +13,9 @@ Answers are JSON Lines keyed by question_id (or id), else by line order, with th
 
 Resuming: every judge call appends one line to judgements.jsonl as it completes; a rerun skips the
 (question, order) pairs already there and only calls the judge for the rest.
+
+The judge is an endpoint (ChatClient; the endpoint applies its own chat template) or a checkpoint in this
+process (LocalJudge), prompted with the chat template it was trained with unless told otherwise.
 """
 from __future__ import annotations
 
@@ -97,6 +100,29 @@ def load_answers(path: str | Path) -> dict[str, str]:
             raise ValueError(f"{path}:{lineno}: the answer is {type(text).__name__}, not a string")
         out[qid] = text
     return out
+
+
+class LocalJudge:
+    """A judge checkpoint in this process, behind the same request handling and batching engine as `jaxllm
+    serve` (its parallel calls share decode steps), prompted with `template`; a ChatClient's `chat`."""
+    NAME = "local-judge"
+
+    def __init__(self, params, cfg, tokenizer, template, max_batch: int = 8):
+        from jaxllm.serve.api import OpenAIServer
+        from jaxllm.serve.engine import Engine
+        self.app = OpenAIServer(Engine(params, cfg, tokenizer, max_batch=max_batch), self.NAME, template)
+
+    def chat(self, messages: list[dict], *, temperature: float = 0.0, max_tokens: int | None = None) -> str:
+        from jaxllm.serve.api import RequestError
+        try:
+            body = self.app.chat({"model": self.NAME, "messages": messages, "temperature": temperature,
+                                  "max_tokens": max_tokens, "seed": 0})
+        except RequestError as e:        # e.g. a question too long for the judge's context: counted, not fatal
+            raise ClientError(e.message, e.status) from None
+        return body["choices"][0]["message"]["content"]
+
+    def close(self) -> None:
+        self.app.engine.close()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxllm import steps
 from jaxllm.config import Config, ModelConfig
-from jaxllm.data.chat_pipeline import (assistant_suffix, encode_prompt, encode_response, encoded_pairs_of_run,
-                                       preference_pipelines)
+from jaxllm.data.chat_pipeline import encode_response, encoded_pairs_of_run, preference_pipelines
+from jaxllm.data.templates import ChatTemplate
 from jaxllm.metrics import record_gap_distribution
 from jaxllm.model.heads import last_token_rewards, pair_rewards, reward_model_specs
 from jaxllm.model.padding import pad_sequences
@@ -76,8 +77,11 @@ def reward_gap_plots(step: int, params, put_batch, workdir: str, *, cfg: Config,
     rewards_of = jax.jit(functools.partial(pair_rewards, cfg=cfg.model))
     gaps = []
     for batch in eval_batches():
-        rewards = np.asarray(jax.device_get(rewards_of(params, put_batch(batch))))
-        keep = np.asarray(batch["weight"]) > 0
+        global_batch = put_batch(batch)
+        # The global arrays span every process's rows: gather them whole, so each process plots all the pairs
+        # (device_get cannot read the other hosts' shards).
+        rewards = np.asarray(multihost_utils.process_allgather(rewards_of(params, global_batch), tiled=True))
+        keep = np.asarray(multihost_utils.process_allgather(global_batch["weight"], tiled=True)) > 0
         gaps.append((rewards[:, 0] - rewards[:, 1])[keep])
     gaps = np.concatenate(gaps)
     if jax.process_index() == 0:
@@ -86,13 +90,12 @@ def reward_gap_plots(step: int, params, put_batch, workdir: str, *, cfg: Config,
 
 
 def score(params, cfg: ModelConfig, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
-          template: str = "alpaca", seq_len: int = 512, batch_size: int = 8) -> np.ndarray:
+          template: ChatTemplate | str, seq_len: int = 512, batch_size: int = 8) -> np.ndarray:
     """Rewards of a trained reward model for (prompt, response) texts: (n,) float32. Each text is encoded as
-    in training (the prompt rendered by `template`, cut from the left if it must be) and read at its last
-    token."""
-    suffix = assistant_suffix(template)
-    encoded = [encode_response(encode_prompt([{"role": "user", "content": p}], tokenizer, template), r, tokenizer,
-                               suffix=suffix, seq_len=seq_len, overlong="truncate_prompt")
+    in training (the prompt a user turn of `template`, the model's: InferenceModel.template; cut from the left
+    if it must be) and read at its last token."""
+    encoded = [encode_response([{"role": "user", "content": p}], r, tokenizer, template, seq_len=seq_len,
+                               overlong="truncate_prompt")
                for p, r in zip(prompts, responses)]
     if any(e is None for e in encoded):
         raise ValueError("some texts do not fit in seq_len even with the prompt cut; raise seq_len")

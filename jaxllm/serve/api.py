@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 
-from jaxllm.data.templates import encode_segments, get_template, render
+from jaxllm.data.templates import ChatTemplate, encode_prompt, get_template, stop_markers
 from jaxllm.model.generate import Completion, SamplingParams
 from jaxllm.serve.engine import Engine, Job
 from jaxllm.serve.logprobs import chat_logprobs, legacy_logprobs
@@ -63,11 +63,14 @@ def _stop_strings(body: dict) -> tuple[str, ...]:
 class OpenAIServer:
     """Request handling, independent of the HTTP plumbing."""
 
-    def __init__(self, engine: Engine, model_name: str, template: str = "chat", default_max_tokens: int = 256):
+    def __init__(self, engine: Engine, model_name: str, template: ChatTemplate | str = "chat",
+                 default_max_tokens: int = 256):
         self.engine, self.model_name, self.template = engine, model_name, get_template(template)
         self.default_max_tokens, self.created = default_max_tokens, int(time.time())
         self.tok, self.cfg = engine.tokenizer, engine.cfg
         self.eos_ids = (self.tok.eos_id,) if self.tok.eos_id >= 0 else ()     # a row ends at the tokenizer's eos
+        # A chat answer also ends at the template's end marker, or where the model opens the next user turn.
+        self.chat_stop_ids, self.chat_stops = stop_markers(self.template, self.tok)
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
@@ -188,14 +191,12 @@ class OpenAIServer:
         """As `completions`: the response body, or only the usage of a streamed one."""
         self._check_model(body)
         messages = self._messages(body)
-        ids, _ = encode_segments(render(messages, self.template, add_generation_prompt=True), self.tok)
-        # A model that starts the next user turn has finished its answer.
-        turn_marker = self.template.user_format.split("{content}")[0].strip()
-        stops = _stop_strings(body) + ((turn_marker,) if turn_marker else ())
+        ids = encode_prompt(messages, self.template, self.tok)
+        stops = _stop_strings(body) + self.chat_stops
         want_lp = _field(body, "logprobs", bool, False)
         n_top = _field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 5, "an integer in [0, 5]")
         stream = _field(body, "stream", bool, False)
-        sps = self._sampling_per_choice(body, len(ids), None, self.eos_ids, stops)
+        sps = self._sampling_per_choice(body, len(ids), None, self.chat_stop_ids, stops)
         job = self.engine.submit("generate", [(ids, sp) for sp in sps])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name}

@@ -19,8 +19,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
     parser.add_argument("--model_name", default=None, help="the model id clients send (default: checkpoint dir name)")
-    parser.add_argument("--template", default=None, help="chat template for /v1/chat/completions (default: the one "
-                        "the run was post-trained with, else chat)")
+    parser.add_argument("--template", default=None, help="chat template for /v1/chat/completions: a built-in name, a "
+                        ".jinja file or a folder carrying one (default: the model's own, else chat)")
     parser.add_argument("--max_batch", type=int, default=8, help="most rows decoded together")
     parser.add_argument("--max_tokens", type=int, default=256, help="default completion length for chat")
     parser.add_argument("--api_key", default=None,
@@ -31,12 +31,14 @@ def main(argv: list[str]) -> int:
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("serving on %s without an API key: anyone who can reach it can use it (--api_key or %s)",
                         args.host, API_KEY_ENV)
+    from jaxllm.data.templates import chosen_template
     from jaxllm.inference import load_for_inference
     from jaxllm.serve.server import Server
     model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
     server = Server(model.params, model.cfg, model.tokenizer,
                     model_name=args.model_name or Path(args.checkpoint).absolute().name,
-                    template=args.template or model.template or "chat", host=args.host, port=args.port,
+                    template=chosen_template(args.template, model.template, "serve", fallback="chat"),
+                    host=args.host, port=args.port,
                     max_batch=args.max_batch, default_max_tokens=args.max_tokens, api_key=api_key)
     auth = "a bearer API key required" if api_key else "no API key"
     print(f"serving {server.app.model_name} at {server.url} ({auth})", flush=True)

@@ -20,6 +20,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from jaxllm.data.templates import ChatTemplate
 from jaxllm.serve.api import OpenAIServer, RequestError
 from jaxllm.serve.engine import Engine
 
@@ -196,7 +197,7 @@ class Server:
     """The HTTP server plus its engine. `start()` serves from a background thread (tests, notebooks);
     `serve_forever()` blocks (the CLI)."""
 
-    def __init__(self, params, cfg, tokenizer, *, model_name: str = "jaxllm", template: str = "chat",
+    def __init__(self, params, cfg, tokenizer, *, model_name: str = "jaxllm", template: ChatTemplate | str = "chat",
                  host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, default_max_tokens: int = 256,
                  api_key: str | None = None):
         self.engine = Engine(params, cfg, tokenizer, max_batch=max_batch)
