@@ -372,7 +372,7 @@ _PROBE_ANSWER, _PROBE_QUERY = "ANSWER-7f3a", "QUERY-7f3a"
 def stop_markers(template: "ChatTemplate | str", tokenizer) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """(stop ids, stop strings) that end an answer at generation: the eos id, the template's end marker (its
     id when it is one token, e.g. <|im_end|>) and the opening of the next user turn (a model that starts it has
-    finished its answer)."""
+    finished its answer): as text, or as the bos/eos id it starts with (llama2's <s>[INST], decoded as "")."""
     template = get_template(template)
     specials = special_token_texts(tokenizer)
     conv = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE_ANSWER},
@@ -381,12 +381,14 @@ def stop_markers(template: "ChatTemplate | str", tokenizer) -> tuple[tuple[int, 
     start, end = spans[0]
     answer = full[start:end]
     marker = answer[answer.index(_PROBE_ANSWER) + len(_PROBE_ANSWER):].strip()
-    opener = full[end:full.index(_PROBE_QUERY)]
-    for text in _special_ids(tokenizer):
-        marker, opener = marker.replace(text, ""), opener.replace(text, "")
+    opener = full[end:full.index(_PROBE_QUERY)].strip()
     ids = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+    for text, i in _special_ids(tokenizer).items():
+        marker = marker.replace(text, "")
+        if opener.startswith(text):
+            ids.append(i)
+            opener = ""
     marker_ids = encode_text(marker, tokenizer) if marker else []
-    if len(marker_ids) == 1 and marker_ids[0] not in ids:
+    if len(marker_ids) == 1:
         ids.append(marker_ids[0])
-    strings = tuple(dict.fromkeys(s for s in (marker, opener.strip()) if s))
-    return tuple(ids), strings
+    return tuple(dict.fromkeys(ids)), tuple(dict.fromkeys(s for s in (marker, opener) if s))
