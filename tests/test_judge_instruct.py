@@ -87,6 +87,30 @@ def _legacy(shared_data, n):
     return questions, {k: v[:300] for k, v in a.items()}, {k: v[:300] for k, v in b.items()}
 
 
+def test_judge_checkpoint_in_process_uses_its_saved_template(planted_server, shared_data, tmp_path, caplog):
+    """`eval judge --judge_checkpoint`: the planted judge saved with its chat template, judged without a server."""
+    from jaxllm.checkpoint import save_params
+    from jaxllm.data.templates import get_template, save_template
+    from jaxllm.eval.cli import main as eval_main
+    engine = planted_server.engine
+    ckpt = save_params(str(tmp_path / "judge"), engine.params, engine.cfg, engine.tokenizer.path)
+    save_template(ckpt, get_template("chat"))
+    questions, a, b = _legacy(shared_data, 2)
+    files = {}
+    for name, answers in (("a", a), ("b", b)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"question_id": q["id"], "text": answers[q["id"]]}) + "\n"
+                                       for q in questions))
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question_id": q["id"], "category": q["category"],
+                                                          "text": q["question"]}) + "\n" for q in questions))
+    caplog.set_level("INFO")
+    assert eval_main(["judge", "--questions", str(tmp_path / "q.jsonl"), "--answers_a", str(files["a"]),
+                      "--answers_b", str(files["b"]), "--judge_checkpoint", ckpt, "--out", str(tmp_path / "out")]) == 0
+    assert "judge: chat template chat (built-in), the model's own" in caplog.text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["judgements"] == 4 and summary["overall"]["tie"] == 2 and summary["unparseable_judgements"] == 0
+
+
 def test_judge_end_to_end_swaps_orders_aggregates_and_resumes(planted_server, shared_data, tmp_path):
     questions, a, b = _legacy(shared_data, 3)
     client = ChatClient(planted_server.url, MODEL, max_retries=0)

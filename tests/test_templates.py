@@ -252,7 +252,7 @@ def test_a_run_saves_its_template_and_inference_reads_it(tmp_path, tokenizer_pat
     # A Hugging Face model with its own template -> convert from-hf keeps it -> SFT "auto" picks it.
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
     hf = tmp_path / "hf"
     transformers.LlamaForCausalLM(hf_cfg).save_pretrained(hf, safe_serialization=True)
     shutil.copyfile(tokenizer_path, hf / "tokenizer.model")
@@ -262,6 +262,11 @@ def test_a_run_saves_its_template_and_inference_reads_it(tmp_path, tokenizer_pat
     assert load_for_inference(str(hf)).template.source == QWEN25
     assert load_for_inference(converted).template.source == QWEN25
     caplog.set_level(logging.INFO)
+    from jaxllm.eval.cli import generate_main
+    for flag, logged in (((), f"generate: chat template {converted}/chat_template.jinja, the model's own"),
+                         (("--template=none",), "generate: no chat template (--template=none)")):
+        assert generate_main(["--checkpoint", converted, "--prompt", "hi", "--max_new_tokens=2", *flag]) == 0
+        assert logged in caplog.text
     for spec, expected in (("auto", QWEN25), ("llama3", BUILTINS["llama3"])):
         workdir = tmp_path / f"sft-{spec}"
         workdir.mkdir()
