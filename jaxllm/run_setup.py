@@ -149,7 +149,10 @@ def save_run_template(cfg: Config) -> templates.ChatTemplate | None:
     data.template ("auto": init_from's own, else alpaca); a run of documents passes init_from's own on."""
     init = init_checkpoint(cfg)
     if cfg.data.train:
-        template, how = templates.run_template(cfg.data.template, init), f"data.template={cfg.data.template}"
+        try:
+            template, how = templates.run_template(cfg.data.template, init), f"data.template={cfg.data.template}"
+        except templates.TemplateError as e:           # checked before any record is read or weight loaded
+            raise ConfigError(f"data.template: {e}") from None
     else:
         template, how = templates.model_template(init), "init_from's own, passed on"
     if template is None:
