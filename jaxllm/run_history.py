@@ -92,13 +92,14 @@ def allowed_on_resume(change: Change) -> bool:
 
 
 def check_config_change(workdir: Path, old: dict, new: dict, newest_step: int | None, override: bool,
-                        same_tokenizer: bool) -> tuple[list[Change], str | None]:
+                        same_tokenizer: bool, same_template: bool = False) -> tuple[list[Change], str | None]:
     """(changes, why they are accepted) of a rerun in `workdir`; raises ConfigError naming the refused ones.
 
     newest_step: the newest checkpoint (None: the workdir has none, so nothing saved depends on the old config
     and every change is accepted, recorded). same_tokenizer: the run's tokenizer file has the content of the
-    workdir's tokenizer.model."""
-    changes = [c for c in config_changes(old, new) if not (c.field == "tokenizer" and same_tokenizer)]
+    workdir's tokenizer.model. same_template: data.template names the same template text as before."""
+    changes = [c for c in config_changes(old, new) if not (c.field == "tokenizer" and same_tokenizer)
+               and not (c.field == "data.template" and same_template)]
     if not changes:
         return [], None
     if newest_step is None:

@@ -120,6 +120,19 @@ def saved_config(workdir: Path) -> dict | None:
                           f"workdir: restore it, or use a new workdir") from None
 
 
+def _same_template(cfg: Config, old: dict) -> bool:
+    """Whether the saved run's data.template and this one's give the same template text: e.g. a run saved with
+    "alpaca" resumed under the later default "auto" that resolves to alpaca is no change."""
+    before = (old.get("data") or {}).get("template")
+    if not isinstance(before, str) or before == cfg.data.template:
+        return True
+    try:
+        init = init_checkpoint(cfg)
+        return templates.run_template(before, init).source == templates.run_template(cfg.data.template, init).source
+    except templates.TemplateError:
+        return False
+
+
 def prepare_workdir(cfg: Config, tokenizer: Tokenizer) -> None:
     """The resolved config and the tokenizer, written once (process 0) into the workdir. A workdir that already
     holds a run keeps describing its checkpoints: changes are refused or recorded (run_history.py)."""
@@ -131,7 +144,7 @@ def prepare_workdir(cfg: Config, tokenizer: Tokenizer) -> None:
     changes, reason, newest = [], None, max(checkpoint_steps(workdir / "checkpoints"), default=None)
     if old is not None:
         changes, reason = run_history.check_config_change(workdir, old, new, newest, cfg.allow_config_change,
-                                                          same_tokenizer)
+                                                          same_tokenizer, _same_template(cfg, old))
         run_history.warn_on_schedule_change(changes, cfg)
     if jax.process_index() == 0:
         if changes:

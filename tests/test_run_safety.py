@@ -240,3 +240,13 @@ def test_wandb_asked_for_but_not_installed_is_one_line(tmp_path, english_corpus,
     assert "jaxllm train: error: log.wandb is set but the wandb package is not installed: pip install " \
            "'jaxllm[wandb]'" in err
     assert not (tmp_path / "config.json").exists()   # refused before the run wrote anything
+
+
+def test_a_run_saved_with_the_template_auto_resolves_to_is_no_change_on_resume():
+    """Runs saved before data.template defaulted to "auto" said "alpaca"; resuming them under "auto" (which
+    resolves to alpaca without an init_from template) must not be refused as a config change."""
+    from jaxllm.config import Config, DataConfig
+    from jaxllm.run_setup import _same_template
+    cfg = Config(data=DataConfig(template="auto"))
+    assert _same_template(cfg, {"data": {"template": "alpaca"}})
+    assert not _same_template(cfg, {"data": {"template": "chatml"}})
