@@ -35,6 +35,13 @@ class ModelConfig:
     max_seq_len: int = 512          # longest position the model is used at (ALiBi/RoPE need no table)
     position: str = "rope"          # "rope" or "alibi"
     rope_theta: float = 10000.0     # RoPE base wavelength
+    rope_scaling: str = "none"      # "none" | "linear" (positions / factor) | "llama3" (Llama 3.1's long context)
+    rope_scaling_factor: float = 1.0      # linear and llama3: how much longer than the original context
+    rope_low_freq_factor: float = 1.0     # llama3: wavelengths > original_max_len / this are divided by factor
+    rope_high_freq_factor: float = 4.0    # llama3: wavelengths < original_max_len / this are kept
+    rope_original_max_len: int = 8192     # llama3: the context length the model was pretrained at
+    qkv_bias: bool = False          # biases on the q, k, v projections (Qwen2 / Qwen2.5)
+    qk_norm: bool = False           # RMSNorm over head_dim on each head of q and k, before RoPE (Qwen3)
     norm_eps: float = 1e-6          # RMSNorm epsilon
     tie_embeddings: bool = False    # share the input embedding with the output head
     init_std: float = 0.02          # standard deviation of the normal initialiser of every matrix
@@ -65,6 +72,13 @@ class ModelConfig:
         _check(not (self.position == "alibi" and self.attention_impl in ("pallas", "splash")),
                f"{where}.attention_impl={self.attention_impl!r} takes no bias, so it cannot run ALiBi; "
                f"use 'xla', 'cudnn' or 'auto'")
+        _check(self.rope_scaling in ("none", "linear", "llama3"),
+               f"{where}.rope_scaling must be 'none', 'linear' or 'llama3', got {self.rope_scaling!r}")
+        _check(self.rope_scaling == "none" or self.rope_scaling_factor > 0,
+               f"{where}.rope_scaling_factor must be > 0, got {self.rope_scaling_factor}")
+        _check(self.rope_scaling != "llama3" or self.rope_high_freq_factor > self.rope_low_freq_factor,
+               f"{where}.rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed "
+               f"{where}.rope_low_freq_factor ({self.rope_low_freq_factor})")
         _check(self.attention_block > 0 and self.attention_block % 128 == 0,
                f"{where}.attention_block must be a positive multiple of 128 (the TPU lane width), "
                f"got {self.attention_block}")

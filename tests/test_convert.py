@@ -104,9 +104,13 @@ def test_unsupported_architecture_names_file_and_field(tmp_path):
         convert.from_hf(tmp_path / "hf")
     assert str(config_path) in str(e.value)
 
+    config_path.write_text(json.dumps({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5,
+                                                                     "factor": 8.0}}))
+    with pytest.raises(ValueError, match=r"config\.json: rope_parameters\.rope_type = 'yarn' is not supported"):
+        convert.from_hf(tmp_path / "hf")
     config_path.write_text(json.dumps({**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5,
                                                                      "factor": 8.0}}))
-    with pytest.raises(ValueError, match=r"config\.json: rope_parameters = .*llama3"):
+    with pytest.raises(ValueError, match=r"config\.json: rope_parameters\.high_freq_factor = None .*needs it"):
         convert.from_hf(tmp_path / "hf")
     for field, value in (("hidden_act", "gelu"), ("attention_bias", True), ("mlp_bias", True)):
         with pytest.raises(ValueError, match=rf"config\.json: {field} = {value!r}"):

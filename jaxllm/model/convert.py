@@ -25,13 +25,18 @@ from jaxllm.model.spec import is_spec, param_specs
 from jaxllm.tokenizer.hf_files import write_hf_tokenizer_files
 from jaxllm.tokenizer.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # config.json's `model_type` -> its architecture, for files written without `architectures` (older or hand-made).
-ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# The fields of a rope_scaling / rope_parameters dict each supported rope_type reads (beside rope_type, theta).
+ROPE_FIELDS = {"default": set(), "linear": {"factor"},
+               "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
 
 # Our leaf path -> (HF tensor name, in_dims). HF Linear weights are (out, in); ours put the input axes
 # first. in_dims = how many leading axes of our per-layer shape make up HF's `in` dimension, so that
-# ours = hf.T.reshape(ours_shape) and hf = ours.reshape(prod(in), prod(out)).T. None = same layout.
+# ours = hf.T.reshape(ours_shape) and hf = ours.reshape(prod(in), prod(out)).T. None = same layout;
+# 0 = a bias: HF's flat (out,) vector is ours reshaped.
 _HF_NAMES = {
     ("embed", "embedding"): ("model.embed_tokens.weight", None),                  # (V, D)
     ("layers", "attn_norm", "scale"): ("model.layers.{i}.input_layernorm.weight", None),
@@ -39,6 +44,11 @@ _HF_NAMES = {
     ("layers", "attn", "k"): ("model.layers.{i}.self_attn.k_proj.weight", 1),     # (K*Dh, D) -> (D, K, Dh)
     ("layers", "attn", "v"): ("model.layers.{i}.self_attn.v_proj.weight", 1),     # (K*Dh, D) -> (D, K, Dh)
     ("layers", "attn", "o"): ("model.layers.{i}.self_attn.o_proj.weight", 2),     # (D, H*Dh) -> (H, Dh, D)
+    ("layers", "attn", "q_bias"): ("model.layers.{i}.self_attn.q_proj.bias", 0),  # (H*Dh,) -> (H, Dh)
+    ("layers", "attn", "k_bias"): ("model.layers.{i}.self_attn.k_proj.bias", 0),  # (K*Dh,) -> (K, Dh)
+    ("layers", "attn", "v_bias"): ("model.layers.{i}.self_attn.v_proj.bias", 0),  # (K*Dh,) -> (K, Dh)
+    ("layers", "attn", "q_norm"): ("model.layers.{i}.self_attn.q_norm.weight", None),   # (Dh,)
+    ("layers", "attn", "k_norm"): ("model.layers.{i}.self_attn.k_norm.weight", None),   # (Dh,)
     ("layers", "mlp_norm", "scale"): ("model.layers.{i}.post_attention_layernorm.weight", None),
     ("layers", "mlp", "gate"): ("model.layers.{i}.mlp.gate_proj.weight", 1),      # (F, D) -> (D, F)
     ("layers", "mlp", "up"): ("model.layers.{i}.mlp.up_proj.weight", 1),          # (F, D) -> (D, F)
@@ -65,6 +75,8 @@ class _Leaf:
         return hf if self.in_dims is None else hf.T.reshape(self.shape)
 
     def to_hf(self, ours):         # shape -> hf_shape
+        if self.in_dims == 0:
+            return ours.reshape(self.hf_shape)
         return ours if self.in_dims is None else ours.reshape(self.hf_shape[::-1]).T
 
 
@@ -79,13 +91,14 @@ def _leaves(cfg: ModelConfig) -> list[_Leaf]:
         stacked = spec.logical_axes[0] == "layers"
         shape = spec.shape[1:] if stacked else spec.shape
         names = tuple(template.format(i=i) for i in range(spec.shape[0])) if stacked else (template,)
-        hf_shape = shape if in_dims is None else (math.prod(shape[in_dims:]), math.prod(shape[:in_dims]))
+        hf_shape = (shape if in_dims is None else (math.prod(shape),) if in_dims == 0
+                    else (math.prod(shape[in_dims:]), math.prod(shape[:in_dims])))
         leaves.append(_Leaf(path, names, tuple(shape), tuple(hf_shape), in_dims, stacked))
     return leaves
 
 
 def hf_config_to_model_config(hf_config: dict, path: str | Path = "config.json") -> ModelConfig:
-    """A Hugging Face Llama (or Mistral without sliding window) config.json dict -> ModelConfig.
+    """A Hugging Face Llama / Mistral / Qwen2 / Qwen3 config.json dict -> ModelConfig.
 
     Anything this decoder cannot express raises ValueError naming `path`, the field and its value."""
     def unsupported(field, value, why):
@@ -97,23 +110,11 @@ def hf_config_to_model_config(hf_config: dict, path: str | Path = "config.json")
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     if hf_config.get("hidden_act", "silu") != "silu":
         unsupported("hidden_act", hf_config["hidden_act"], "the MLP is SwiGLU: silu only")
-    for field in ("attention_bias", "mlp_bias"):
+    for field in ("attention_bias", "mlp_bias"):   # Qwen2's q/k/v biases are implied by its architecture
         if hf_config.get(field, False):
-            unsupported(field, hf_config[field], "the projections have no biases")
-    if hf_config.get("sliding_window") is not None:
-        unsupported("sliding_window", hf_config["sliding_window"], "attention is full causal")
-    # transformers 5 keeps theta in `rope_parameters` (older files may carry it in `rope_scaling`);
-    # transformers 4 keeps it at the top level with `rope_scaling` null for plain RoPE.
-    theta = hf_config.get("rope_theta", 10000.0)
-    for field in ("rope_parameters", "rope_scaling"):
-        rope = hf_config.get(field)
-        if rope is None:
-            continue
-        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
-        extra = set(rope) - {"rope_type", "type", "rope_theta"} if isinstance(rope, dict) else set()
-        if kind != "default" or extra:
-            unsupported(field, rope, "only plain RoPE, rope_type 'default', without scaling")
-        theta = rope.get("rope_theta", theta)
+            unsupported(field, hf_config[field], "biases exist on q/k/v of Qwen2 only, never on o or the MLP")
+    _check_sliding_window(hf_config, arch, unsupported)
+    rope = _rope_settings(hf_config, unsupported)
     try:
         heads = hf_config["num_attention_heads"]
         cfg = dict(
@@ -122,13 +123,55 @@ def hf_config_to_model_config(hf_config: dict, path: str | Path = "config.json")
             num_kv_heads=hf_config.get("num_key_value_heads") or heads,
             head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
             mlp_dim=hf_config["intermediate_size"], max_seq_len=hf_config.get("max_position_embeddings", 2048),
-            position="rope", rope_theta=float(theta), norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)))
+            position="rope", norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM", **rope)
         return model_config_from_dict(cfg)
     except KeyError as e:
         raise ValueError(f"{path}: missing field {e.args[0]}") from None
     except (TypeError, ValueError) as e:   # a field of the wrong type, or an architecture the config rejects
         raise ValueError(f"{path}: {e}") from None
+
+
+def _check_sliding_window(hf_config: dict, arch: str, unsupported) -> None:
+    """Attention here is full causal: a window that is on and shorter than the context is refused. Qwen configs
+    carry `sliding_window` with `use_sliding_window` false; Mistral v0.2+ sets it null; a window at least as long
+    as max_position_embeddings never cuts anything."""
+    window = hf_config.get("sliding_window")
+    in_use = hf_config.get("use_sliding_window", arch == "MistralForCausalLM")
+    if window is not None and in_use and window < hf_config.get("max_position_embeddings", window + 1):
+        unsupported("sliding_window", window, "attention is full causal; sliding-window attention is not "
+                    "implemented")
+
+
+def _rope_settings(hf_config: dict, unsupported) -> dict:
+    """theta and scaling as ModelConfig fields. transformers 5 keeps them in `rope_parameters`; transformers 4 keeps
+    theta at the top level and scaling in `rope_scaling` (null for plain RoPE)."""
+    out = {"rope_theta": float(hf_config.get("rope_theta", 10000.0))}
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = hf_config.get(field)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            unsupported(field, rope, "expected a dict with rope_type")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ROPE_FIELDS:
+            unsupported(f"{field}.rope_type", kind, f"supported: {', '.join(ROPE_FIELDS)}")
+        extra = set(rope) - ROPE_FIELDS[kind] - {"rope_type", "type", "rope_theta"}
+        if extra:
+            unsupported(f"{field}.{sorted(extra)[0]}", rope[sorted(extra)[0]], f"rope_type {kind!r} reads only "
+                        f"{sorted(ROPE_FIELDS[kind]) or 'rope_theta'}")
+        for needed in sorted(ROPE_FIELDS[kind] - set(rope)):
+            unsupported(f"{field}.{needed}", None, f"rope_type {kind!r} needs it")
+        if "rope_theta" in rope:
+            out["rope_theta"] = float(rope["rope_theta"])
+        if kind != "default":
+            out.update(rope_scaling=kind, rope_scaling_factor=float(rope["factor"]))
+        if kind == "llama3":
+            out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                       rope_high_freq_factor=float(rope["high_freq_factor"]),
+                       rope_original_max_len=int(rope["original_max_position_embeddings"]))
+    return out
 
 
 def _architecture(hf_config: dict, path) -> str:
@@ -155,20 +198,45 @@ def load_hf_config(hf_dir) -> ModelConfig:
     return hf_config_to_model_config(hf_config, path)
 
 
+def hf_architecture(cfg: ModelConfig) -> tuple[str, str]:
+    """(architecture, model_type) that holds `cfg`: Qwen3 with q/k norms, Qwen2 with q/k/v biases, else Llama."""
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise ValueError("model.qkv_bias and model.qk_norm together match no Hugging Face architecture")
+    if cfg.qk_norm:
+        return "Qwen3ForCausalLM", "qwen3"
+    if cfg.qkv_bias:
+        return "Qwen2ForCausalLM", "qwen2"
+    return "LlamaForCausalLM", "llama"
+
+
+def _rope_dict(cfg: ModelConfig) -> dict:
+    rope = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling != "none":
+        rope["factor"] = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_len)
+    return rope
+
+
 def model_config_to_hf_config(cfg: ModelConfig) -> dict:
-    """ModelConfig -> a LlamaForCausalLM config.json dict (float32 weights, SentencePiece bos=1/eos=2)."""
+    """ModelConfig -> a config.json dict of its architecture (float32 weights, SentencePiece bos=1/eos=2)."""
     if cfg.position != "rope":
-        raise ValueError(f"model.position = {cfg.position!r} cannot be exported: Llama uses RoPE")
+        raise ValueError(f"model.position = {cfg.position!r} cannot be exported: Llama and Qwen use RoPE")
+    architecture, model_type = hf_architecture(cfg)
+    rope = _rope_dict(cfg)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [architecture], "model_type": model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
-        # transformers 4 reads the top-level rope_theta, transformers 5 reads rope_parameters.
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        # transformers 4 reads the top-level rope_theta and rope_scaling, transformers 5 reads rope_parameters.
+        "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+        "rope_scaling": None if cfg.rope_scaling == "none" else {k: v for k, v in rope.items() if k != "rope_theta"},
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
+        "use_sliding_window": False, "sliding_window": None,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "use_cache": True,
         "torch_dtype": "float32", "dtype": "float32",   # transformers 4 / 5 spelling
     }

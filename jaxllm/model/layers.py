@@ -16,14 +16,36 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_max_len: int = 8192) -> jax.Array:
+    """RoPE's inverse frequencies (head_dim/2,) float32, with the scaling of transformers' rope_type:
+      none    1 / theta^(2i/head_dim)
+      linear  the same divided by `factor` (position interpolation)
+      llama3  Llama 3.1's: wavelengths longer than original_max_len / low_freq_factor divided by `factor`,
+              shorter than original_max_len / high_freq_factor kept, and a smooth blend in between."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))    # (head_dim/2,)
+    if scaling == "linear":
+        return inv_freq / factor
+    if scaling == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        low_freq_wavelen = original_max_len / low_freq_factor
+        high_freq_wavelen = original_max_len / high_freq_factor
+        scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotary embedding in the rotate-half layout of Hugging Face Llama: dimension i is paired with
     i + head_dim/2 (not with its neighbour), so q/k weights convert without a permutation.
 
-    x: (batch, length, heads, head_dim); positions: (batch, length) int, restarting per document.
+    x: (batch, length, heads, head_dim); positions: (batch, length) int, restarting per document;
+    inv_freq: (head_dim/2,) from rope_frequencies.
     """
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # (head_dim/2,)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq                           # (batch, length, head_dim/2)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]                     # (batch, length, 1, head_dim)
     x32 = x.astype(jnp.float32)

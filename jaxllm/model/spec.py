@@ -71,6 +71,15 @@ def param_specs(cfg: ModelConfig) -> dict:
         },
         "final_norm": {"scale": spec((D,), ("embed",), ones)},
     }
+    attn = specs["layers"]["attn"]
+    if cfg.qkv_bias:     # Qwen2 / Qwen2.5
+        zeros = lambda key, shape, dtype: jnp.zeros(shape, dtype)
+        attn["q_bias"] = spec((L, H, Dh), ("layers", "heads", "head_dim"), zeros)
+        attn["k_bias"] = spec((L, K, Dh), ("layers", "kv_heads", "head_dim"), zeros)
+        attn["v_bias"] = spec((L, K, Dh), ("layers", "kv_heads", "head_dim"), zeros)
+    if cfg.qk_norm:      # Qwen3: one RMSNorm scale over head_dim, shared by the heads
+        attn["q_norm"] = spec((L, Dh), ("layers", "head_dim"), ones)
+        attn["k_norm"] = spec((L, Dh), ("layers", "head_dim"), ones)
     if not cfg.tie_embeddings:
         specs["lm_head"] = {"kernel": spec((D, V), ("embed", "vocab"))}
     return specs

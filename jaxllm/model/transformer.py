@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.attention import attention
-from jaxllm.model.layers import apply_rope, rms_norm, swiglu_mlp
+from jaxllm.model.layers import apply_rope, rms_norm, rope_frequencies, swiglu_mlp
 from jaxllm.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -45,12 +45,19 @@ def attention_block(x, p, segment_ids, positions, cfg: ModelConfig, cache=None, 
     q = jnp.einsum("bld,dhk->blhk", x, p["q"].astype(dtype))     # (batch, length, heads, head_dim)
     k = jnp.einsum("bld,dhk->blhk", x, p["k"].astype(dtype))     # (batch, length, kv_heads, head_dim)
     v = jnp.einsum("bld,dhk->blhk", x, p["v"].astype(dtype))     # (batch, length, kv_heads, head_dim)
+    if cfg.qkv_bias:                                              # Qwen2: biases (heads, head_dim) on q, k, v
+        q, k, v = (t + p[f"{n}_bias"].astype(dtype) for t, n in ((q, "q"), (k, "k"), (v, "v")))
+    if cfg.qk_norm:                                               # Qwen3: RMSNorm over each head's head_dim
+        q = rms_norm(q, p["q_norm"], cfg.norm_eps)
+        k = rms_norm(k, p["k_norm"], cfg.norm_eps)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     if cfg.position == "rope":
-        q = apply_rope(q, positions, cfg.rope_theta)
-        k = apply_rope(k, positions, cfg.rope_theta)
+        inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_scaling_factor,
+                                    cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
     alibi = cfg.position == "alibi"
     if cache is not None:
         layer, slot = write_at
