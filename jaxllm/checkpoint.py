@@ -31,10 +31,11 @@ from jaxllm import config as config_lib
 from jaxllm.config import ModelConfig
 from jaxllm.distributed import barrier
 from jaxllm.model.spec import abstract_params
+from jaxllm.tokenizer.tokenizer import find_tokenizer_file, load_tokenizer
 
 MODEL_CONFIG_FILE = "model_config.json"
 RUN_CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"   # a SentencePiece run's; Hugging Face tokenizers keep tokenizer.json
 
 
 class CheckpointMismatchError(ValueError):
@@ -322,7 +323,7 @@ def save_params(out_dir: str, params, model_cfg: ModelConfig, tokenizer_path: st
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(model_cfg), indent=2))
     if tokenizer_path:
-        shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
+        load_tokenizer(tokenizer_path).save(out)   # tokenizer.model, or tokenizer.json with its config
     params_dir = out / "params"
     if params_dir.exists():
         shutil.rmtree(params_dir)
@@ -341,9 +342,8 @@ def describe_checkpoint(path: str) -> dict:
     p = Path(path).absolute()
     if (p / MODEL_CONFIG_FILE).exists() and (p / "params").exists():
         model_cfg = config_lib.model_config_from_dict(json.loads((p / MODEL_CONFIG_FILE).read_text()))
-        tok = p / TOKENIZER_FILE
         return {"kind": "params", "model_cfg": model_cfg, "params_dir": p / "params",
-                "tokenizer": str(tok) if tok.exists() else None}
+                "tokenizer": find_tokenizer_file(p)}
     if (p / RUN_CONFIG_FILE).exists() and (p / "checkpoints").exists():
         steps = checkpoint_steps(p / "checkpoints")
         if not steps:
@@ -354,16 +354,14 @@ def describe_checkpoint(path: str) -> dict:
     elif (p / "config.json").exists() and any(p.glob("*.safetensors")):
         from jaxllm.model.convert import load_hf_config
         model_cfg = load_hf_config(p)
-        tok = p / TOKENIZER_FILE
-        return {"kind": "hf", "model_cfg": model_cfg, "hf_dir": p, "tokenizer": str(tok) if tok.exists() else None}
+        return {"kind": "hf", "model_cfg": model_cfg, "hf_dir": p, "tokenizer": find_tokenizer_file(p)}
     else:
         raise FileNotFoundError(f"{p}: not a jaxllm checkpoint (expected a run workdir with config.json and "
                                 f"checkpoints/, a step directory inside it, or a converted checkpoint with "
                                 f"{MODEL_CONFIG_FILE} and params/, or a Hugging Face directory with config.json and "
                                 f"*.safetensors)")
-    tok = workdir / TOKENIZER_FILE
     return {"kind": "run", "model_cfg": _model_config_of_run(workdir), "step_dir": step_dir,
-            "tokenizer": str(tok) if tok.exists() else None}
+            "tokenizer": find_tokenizer_file(workdir)}
 
 
 def _restore_target(saved_meta, model_cfg: ModelConfig, where, shardings=None) -> dict:
@@ -424,8 +422,7 @@ def import_hf(hf_dir: str, out_dir: str) -> str:
     from jaxllm.model.convert import from_hf
     from jaxllm.data.templates import model_template, save_template
     params, model_cfg = from_hf(hf_dir)
-    tok = Path(hf_dir) / TOKENIZER_FILE
-    out = save_params(out_dir, params, model_cfg, str(tok) if tok.exists() else None)
+    out = save_params(out_dir, params, model_cfg, find_tokenizer_file(hf_dir))
     own = model_template(hf_dir)          # the model's chat template comes along, the default of SFT and serving
     if own is not None:
         save_template(out, own)
@@ -435,5 +432,7 @@ def import_hf(hf_dir: str, out_dir: str) -> str:
 def export_hf(checkpoint: str, out_dir: str) -> str:
     """Any jaxllm checkpoint -> Hugging Face Llama directory that transformers loads."""
     from jaxllm.model.convert import to_hf
+    from jaxllm.data.templates import model_template
     params, model_cfg, tokenizer = load_params(checkpoint)
-    return to_hf(params, model_cfg, out_dir, tokenizer_path=tokenizer)
+    own = model_template(checkpoint)      # the template it was trained with: apply_chat_template reproduces it
+    return to_hf(params, model_cfg, out_dir, tokenizer_path=tokenizer, chat_template=own.source if own else None)

@@ -18,14 +18,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxllm import checkpoint
 from jaxllm.config import ModelConfig
 from jaxllm.data.templates import ChatTemplate, model_template
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True, eq=False)   # eq=False: params are arrays, compared by identity
 class InferenceModel:
     params: Any              # nested dict of arrays (a reward model's head too, when saved with the decoder)
     cfg: ModelConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | HFTokenizer
     template: ChatTemplate | None   # the chat template the model was trained with (or its own); None: none
 
 
@@ -49,4 +49,4 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: Mesh | 
         params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     where = next(description[k] for k in ("step_dir", "params_dir", "hf_dir") if k in description)
     template = model_template(Path(where).parent if description["kind"] == "params" else where)
-    return InferenceModel(params, cfg, Tokenizer(tokenizer or saved_tokenizer), template)
+    return InferenceModel(params, cfg, load_tokenizer(tokenizer or saved_tokenizer), template)

@@ -92,8 +92,8 @@ def vocab_for_plan(cfg: Config) -> tuple[int, str]:
     if cfg.model.vocab_size:
         return cfg.model.vocab_size, "model.vocab_size"
     if cfg.tokenizer:
-        from jaxllm.tokenizer import Tokenizer
-        return Tokenizer(cfg.tokenizer).vocab_size, f"the tokenizer {cfg.tokenizer}"
+        from jaxllm.tokenizer import load_tokenizer
+        return load_tokenizer(cfg.tokenizer).vocab_size, f"the tokenizer {cfg.tokenizer}"
     preset = preset_of(cfg.model)
     preset_vocab = PRESETS[preset]["vocab_size"] if preset else 0
     if preset_vocab > cfg.tokenizer_vocab_size:

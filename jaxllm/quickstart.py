@@ -33,7 +33,7 @@ from jaxllm.eval.perplexity import text_perplexity
 from jaxllm.model.generate import SamplingParams, generate_text
 from jaxllm.model.heads import pair_logprobs
 from jaxllm.objectives.lm import lm_documents
-from jaxllm.tokenizer import Tokenizer
+from jaxllm.tokenizer import load_tokenizer
 from jaxllm.tokenizer.inspect import tokens_per_char_by_language
 from jaxllm.trainer import train
 
@@ -99,7 +99,7 @@ def label_accuracy(checkpoint: str, sft_file: Path, eval_fraction: float, seed: 
         truth = conv[-1]["content"]
         other = LABELS[1] if truth == LABELS[0] else LABELS[0]
         pairs.append({"prompt": conv[:-1], "chosen": truth, "rejected": other, "margin": 0.0})
-    encoded = encode_pairs(pairs, Tokenizer(tok_path), template=TEMPLATE, seq_len=seq_len, overlong="truncate_prompt")
+    encoded = encode_pairs(pairs, load_tokenizer(tok_path), template=TEMPLATE, seq_len=seq_len, overlong="truncate_prompt")
     logprobs = jax.jit(functools.partial(pair_logprobs, cfg=model_cfg))
     correct = 0
     for start in range(0, len(encoded), 32):
@@ -124,7 +124,7 @@ def evaluate_model(checkpoint: Path, heldout_text: str, samples: bool = True) ->
     """Sliding-window perplexity and bits per character on held-out text, the review multiple-choice accuracy
     (2-shot, C-Eval prompt form), and a few sampled continuations."""
     params, cfg, tok_path = load_params(str(checkpoint))
-    tok = Tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     ppl = text_perplexity(params, cfg, tok, heldout_text)
     questions, shots = review_questions()
     mcq = evaluate_questions(params, cfg, tok, {"reviews": questions}, {"reviews": shots}, shots=2,

@@ -13,19 +13,18 @@ import dataclasses
 import filecmp
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import jax
 
 from jaxllm import distributed, run_history, sharding
-from jaxllm.checkpoint import (RUN_CONFIG_FILE, TOKENIZER_FILE, checkpoint_steps, describe_checkpoint,
+from jaxllm.checkpoint import (RUN_CONFIG_FILE, checkpoint_steps, describe_checkpoint,
                                load_params)
 from jaxllm.config import Config, ConfigError, init_checkpoint
 from jaxllm.data import templates
 from jaxllm.model.resize import check_tokenizer_size, resize_vocab, resized_config, token_rows
 from jaxllm.objectives.lm import lm_documents
-from jaxllm.tokenizer import Tokenizer, train_tokenizer
+from jaxllm.tokenizer import HFTokenizer, Tokenizer, find_tokenizer_file, load_tokenizer, train_tokenizer
 
 # Fields of the run's model config that say how to compute, not what the weights are: these stay the run's
 # own when the architecture comes from `init_from`.
@@ -35,7 +34,7 @@ RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "attention_impl", "attention_b
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
     cfg: Config                   # resolved: init_from's architecture, the vocabulary fitted to the tokenizer
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | HFTokenizer
     init_tokenizer: str | None    # the tokenizer that init_from carries (subword_mean resizing reads it)
     mesh: jax.sharding.Mesh
 
@@ -52,21 +51,21 @@ def architecture_from_init(cfg: Config) -> tuple[Config, str | None]:
     return dataclasses.replace(cfg, model=model), info["tokenizer"]
 
 
-def tokenizer_for_run(cfg: Config, init_tokenizer: str | None = None) -> Tokenizer:
+def tokenizer_for_run(cfg: Config, init_tokenizer: str | None = None) -> Tokenizer | HFTokenizer:
     """The configured tokenizer; else the init checkpoint's; else the one a previous run of this workdir
     trained; else train one on the training documents."""
     if cfg.tokenizer:
-        return Tokenizer(cfg.tokenizer)
+        return load_tokenizer(cfg.tokenizer)
     if init_tokenizer:
-        return Tokenizer(init_tokenizer)
-    saved = Path(cfg.workdir) / TOKENIZER_FILE
-    if not saved.exists() and jax.process_index() == 0:   # the others read it from the shared workdir
+        return load_tokenizer(init_tokenizer)
+    saved = find_tokenizer_file(cfg.workdir)
+    if saved is None and jax.process_index() == 0:        # the others read it from the shared workdir
         logging.info("no tokenizer given: training a %d-piece SentencePiece BPE on the training documents",
                      cfg.tokenizer_vocab_size)
         train_docs, _ = lm_documents(cfg)
         train_tokenizer(train_docs, out_dir=cfg.workdir, vocab_size=cfg.tokenizer_vocab_size)
     distributed.barrier("jaxllm_tokenizer")
-    return Tokenizer(str(saved))
+    return load_tokenizer(cfg.workdir)
 
 
 def fit_run_to_tokenizer(cfg: Config, tokenizer_size: int, init_tokenizer: str | None) -> Config:
@@ -99,7 +98,7 @@ def fit_run_to_tokenizer(cfg: Config, tokenizer_size: int, init_tokenizer: str |
     return cfg
 
 
-def resolve_model_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
+def resolve_model_vocab(cfg: Config, tokenizer: Tokenizer | HFTokenizer) -> Config:
     """model.vocab_size = 0 takes the tokenizer's size; a model smaller than its tokenizer is an error."""
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
@@ -133,13 +132,13 @@ def _same_template(cfg: Config, old: dict) -> bool:
         return False
 
 
-def prepare_workdir(cfg: Config, tokenizer: Tokenizer) -> None:
+def prepare_workdir(cfg: Config, tokenizer: Tokenizer | HFTokenizer) -> None:
     """The resolved config and the tokenizer, written once (process 0) into the workdir. A workdir that already
     holds a run keeps describing its checkpoints: changes are refused or recorded (run_history.py)."""
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     new, old = run_history.as_json(cfg), saved_config(workdir)
-    saved_tokenizer = workdir / TOKENIZER_FILE
+    saved_tokenizer = workdir / tokenizer.filename      # tokenizer.model, or a Hugging Face tokenizer.json
     same_tokenizer = saved_tokenizer.exists() and filecmp.cmp(tokenizer.path, saved_tokenizer, shallow=False)
     changes, reason, newest = [], None, max(checkpoint_steps(workdir / "checkpoints"), default=None)
     if old is not None:
@@ -153,7 +152,7 @@ def prepare_workdir(cfg: Config, tokenizer: Tokenizer) -> None:
         if old is None or changes:
             (workdir / RUN_CONFIG_FILE).write_text(json.dumps(new, indent=2))
         if Path(tokenizer.path).resolve() != saved_tokenizer.resolve():
-            shutil.copyfile(tokenizer.path, saved_tokenizer)
+            tokenizer.save(workdir)
 
 
 def save_run_template(cfg: Config) -> templates.ChatTemplate | None:

@@ -8,12 +8,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-# apache-beam (the [test] extra runs the Beam cleaning path) pins protobuf < 7, under which the
-# sentencepiece_model_pb2 that sentencepiece ships will not import; transformers needs it to convert
-# SentencePiece models in the parity tests. jaxllm rebuilds the module from its descriptor.
-from jaxllm.tokenizer.proto import ensure_pb2_importable  # noqa: E402
-
-ensure_pb2_importable()
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -207,9 +207,14 @@ def test_llama_special_ids_and_known_encodings(llama):
     assert [llama.id_to_piece(i) for i in llama.encode("12345")] == ["▁", "1", "2", "3", "4", "5"]
 
 
-def test_llama_encodings_match_transformers_llama_tokenizer(llama):
+def test_llama_encodings_match_transformers_on_the_exported_tokenizer_json(llama, tmp_path):
+    """transformers cannot parse LLaMA's raw .model under the protobuf apache-beam pins (its converter's
+    generated module wants protobuf 7); what users hand it is jaxllm's export, whose tokenizer.json transformers
+    reads directly and encodes with Hugging Face `tokenizers` (Rust), independently of sentencepiece."""
     transformers = pytest.importorskip("transformers", reason="transformers (the [hf] extra) not installed")
-    reference = transformers.LlamaTokenizer.from_pretrained(str(LLAMA.parent))
+    from jaxllm.tokenizer.hf_files import write_hf_tokenizer_files
+    write_hf_tokenizer_files(LLAMA, tmp_path)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     texts = []
     for path in [HONGLOUMENG, SHAKESPEARE, WIKITEXT, DATA / "text" / "ja" / "wagahaiwa_nekodearu.txt"]:
         texts += _read(path, 40_000).splitlines()[:150]

@@ -33,8 +33,8 @@ def cmd_plan(argv: list[str]) -> int:
     cfg = load_config(config_argv)
     tokenizer = None
     if args.tokenizer or cfg.tokenizer:
-        from jaxllm.tokenizer import Tokenizer
-        tokenizer = Tokenizer(args.tokenizer or cfg.tokenizer)
+        from jaxllm.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)
     rows, warnings, run_tokens = plan(cfg, tokenizer, sample=args.sample, budget_tokens=args.tokens,
                                       warn_epochs=args.warn_epochs)
     print(format_table(rows, warnings, run_tokens, args.sample))

@@ -62,9 +62,9 @@ def plan_shards(inputs: Sequence[str], *, docs_per_shard: int, **read_kw) -> lis
 def _write_shard(task: dict) -> dict:
     """Worker: tokenises one shard's documents and writes the shard, then its index."""
     from array_record.python import array_record_module
-    from jaxllm.tokenizer import Tokenizer
+    from jaxllm.tokenizer import load_tokenizer
     out, k, opts = task["out"], task["index"], task["options"]
-    tokenizer = Tokenizer(task["tokenizer"])
+    tokenizer = load_tokenizer(task["tokenizer"])
     source = open_source(task["input"], jsonl_field=opts["jsonl_field"], text_split=opts["text_split"],
                          on_error=opts["on_error"])
     stop = len(source) if task["stop"] is None else task["stop"]
@@ -141,14 +141,14 @@ def prepare(inputs: Sequence[str], tokenizer_path: str, out: str, *, workers: in
 
     workers: processes (0 = os.cpu_count()). Finished shards of an earlier, interrupted run are kept.
     """
-    from jaxllm.tokenizer import Tokenizer
+    from jaxllm.tokenizer import load_tokenizer
     if isinstance(inputs, str):
         inputs = [inputs]
     if not inputs:
         raise ValueError("prepare: no inputs given")
     if docs_per_shard < 1:
         raise ValueError(f"docs_per_shard must be >= 1, got {docs_per_shard}")
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     os.makedirs(out, exist_ok=True)
     options = dict(jsonl_field=jsonl_field, text_split=text_split, on_error=on_error, max_doc_chars=max_doc_chars,
                    docs_per_shard=docs_per_shard)

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import jax
@@ -23,7 +22,7 @@ from safetensors.numpy import save_file
 from jaxllm.config import ModelConfig, model_config_from_dict
 from jaxllm.model.spec import is_spec, param_specs
 from jaxllm.tokenizer.hf_files import write_hf_tokenizer_files
-from jaxllm.tokenizer.tokenizer import Tokenizer
+from jaxllm.tokenizer.tokenizer import load_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # config.json's `model_type` -> its architecture, for files written without `architectures` (older or hand-made).
@@ -317,7 +316,8 @@ def from_hf(hf_dir, dtype=None) -> tuple[dict, ModelConfig]:
     return jax.tree.map(jnp.asarray, params), cfg
 
 
-def to_hf(params, cfg: ModelConfig, out_dir, tokenizer_path=None, max_shard_bytes: int = 2 * 1024**3) -> Path:
+def to_hf(params, cfg: ModelConfig, out_dir, tokenizer_path=None, max_shard_bytes: int = 2 * 1024**3,
+          chat_template: str | None = None) -> Path:
     """Writes params as a float32 Hugging Face LlamaForCausalLM directory that `from_pretrained` loads.
 
     Writes config.json and model.safetensors, or model-0000k-of-0000n.safetensors shards plus
@@ -328,7 +328,7 @@ def to_hf(params, cfg: ModelConfig, out_dir, tokenizer_path=None, max_shard_byte
     out.mkdir(parents=True, exist_ok=True)
     hf_config = model_config_to_hf_config(cfg)
     if tokenizer_path is not None:
-        hf_config.update(_write_tokenizer(Path(tokenizer_path), out, cfg))
+        hf_config.update(_write_tokenizer(Path(tokenizer_path), out, cfg, chat_template))
     leaves = _leaves(cfg)
     ours = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     ours = {tuple(k.key for k in path): v for path, v in ours.items()}
@@ -368,11 +368,10 @@ def to_hf(params, cfg: ModelConfig, out_dir, tokenizer_path=None, max_shard_byte
     return out
 
 
-def _write_tokenizer(model_path: Path, out: Path, cfg: ModelConfig) -> dict:
-    """Copies a SentencePiece model beside the weights with the files transformers reads (tokenizer/hf_files.py);
-    returns the config.json special-token ids."""
-    pieces = Tokenizer(model_path).vocab_size        # a file that is no SentencePiece model is named here
-    if pieces > cfg.vocab_size:
-        raise ValueError(f"{model_path}: {pieces} pieces exceed model.vocab_size ({cfg.vocab_size})")
-    shutil.copyfile(model_path, out / "tokenizer.model")
-    return write_hf_tokenizer_files(out / "tokenizer.model", cfg.max_seq_len)
+def _write_tokenizer(tokenizer_path: Path, out: Path, cfg: ModelConfig, chat_template: str | None) -> dict:
+    """The tokenizer beside the weights, in the files transformers reads (tokenizer/hf_files.py: tokenizer.json
+    always, tokenizer.model too for SentencePiece); returns the config.json special-token ids."""
+    tokenizer = load_tokenizer(tokenizer_path)      # a file that is no tokenizer is named here
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens exceed model.vocab_size ({cfg.vocab_size})")
+    return write_hf_tokenizer_files(tokenizer, out, cfg.max_seq_len, chat_template)

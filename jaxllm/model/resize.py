@@ -56,14 +56,17 @@ def _subword_ids(base_tokenizer, new_tokenizer, first: int, last: int) -> list[l
     import sentencepiece as spm
 
     from jaxllm.tokenizer.proto import model_proto_class
-    from jaxllm.tokenizer.tokenizer import Tokenizer, resolve_model_file
+    from jaxllm.tokenizer.tokenizer import HFTokenizer, load_tokenizer, resolve_model_file
 
+    new = load_tokenizer(new_tokenizer)
+    texts = [new.id_to_piece(i).replace("▁", " ") for i in range(first, last)]
+    base_tokenizer = load_tokenizer(base_tokenizer)
+    if isinstance(base_tokenizer, HFTokenizer):    # byte-level BPE adds no prefix: encode the text as it is
+        return [base_tokenizer.encode(t) for t in texts]
     proto = model_proto_class()()
     proto.ParseFromString(resolve_model_file(getattr(base_tokenizer, "path", base_tokenizer)).read_bytes())
     proto.normalizer_spec.add_dummy_prefix = False
     base = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    new = new_tokenizer if isinstance(new_tokenizer, Tokenizer) else Tokenizer(new_tokenizer)
-    texts = [new.id_to_piece(i).replace("▁", " ") for i in range(first, last)]
     return base.encode(texts)
 
 

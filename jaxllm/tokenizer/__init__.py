@@ -1,5 +1,6 @@
-"""SentencePiece tokenizers: the `Tokenizer` wrapper and `train_tokenizer`."""
-from jaxllm.tokenizer.tokenizer import Tokenizer
+"""Tokenizers: SentencePiece (`Tokenizer`) and Hugging Face tokenizer.json (`HFTokenizer`) behind one interface
+(`load_tokenizer`), and `train_tokenizer` (SentencePiece BPE)."""
+from jaxllm.tokenizer.tokenizer import HFTokenizer, Tokenizer, find_tokenizer_file, load_tokenizer
 from jaxllm.tokenizer.train import train_tokenizer
 
-__all__ = ["Tokenizer", "train_tokenizer"]
+__all__ = ["HFTokenizer", "Tokenizer", "find_tokenizer_file", "load_tokenizer", "train_tokenizer"]

@@ -74,9 +74,9 @@ def _run_vocabulary_command(args) -> int:
         print(result.summary())
     elif args.action == "stats":
         from jaxllm.data import load_documents
-        from jaxllm.tokenizer import Tokenizer
+        from jaxllm.tokenizer import load_tokenizer
         texts = {spec: load_documents([spec], jsonl_field=args.jsonl_field) for spec in args.text}
-        rows = [inspect.text_stats(Tokenizer(t), docs, name=Path(spec).name or spec)
+        rows = [inspect.text_stats(load_tokenizer(t), docs, name=Path(spec).name or spec)
                 for t in args.tokenizer for spec, docs in texts.items()]
         print(inspect.stats_table(rows))
         if args.json == "-":

@@ -180,7 +180,7 @@ def expand_tokenizer(base: str | os.PathLike, out_dir: str | os.PathLike, *,
     target = out / MODEL_FILENAME
     target.write_bytes(proto.SerializeToString())
     Tokenizer(target)                                # the merged model must load, or fail here naming the file
-    write_hf_tokenizer_files(target)
+    write_hf_tokenizer_files(target, out)
     result.path = str(target)
     log.info("%s", result.summary())
     return result

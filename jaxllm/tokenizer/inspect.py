@@ -13,7 +13,7 @@ import os
 import re
 from typing import Iterable, Sequence
 
-from jaxllm.tokenizer.tokenizer import Tokenizer
+from jaxllm.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"   # CJK ideographs, incl. extensions
 _WORD = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+")
@@ -35,7 +35,7 @@ def is_byte_piece(piece: str) -> bool:
 
 
 def _as_tokenizer(tokenizer) -> Tokenizer:
-    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    return load_tokenizer(tokenizer)
 
 
 def text_stats(tokenizer: Tokenizer | str | os.PathLike, documents: Sequence[str] | str, name: str = "") -> dict:

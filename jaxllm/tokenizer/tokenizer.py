@@ -1,4 +1,5 @@
-"""`Tokenizer`: a thin wrapper around one SentencePiece model file.
+"""`Tokenizer` (one SentencePiece model file) and `HFTokenizer` (a Hugging Face tokenizer.json), one interface;
+`load_tokenizer` takes either, or a folder holding one.
 
 The wrapper holds the model's serialized bytes, not just its path, so that it pickles into Grain worker
 processes (which may not see the same filesystem) and `save` writes a byte-identical copy into a
@@ -6,6 +7,7 @@ checkpoint or workdir even after the original file is gone.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -13,6 +15,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 MODEL_FILENAME = "tokenizer.model"  # the file name inside a checkpoint or tokenizer directory
+HF_FILENAME = "tokenizer.json"      # a Hugging Face fast tokenizer's file
 
 
 def resolve_model_file(path: str | os.PathLike) -> Path:
@@ -46,6 +49,8 @@ class Tokenizer:
     `Tokenizer(path)` takes a `.model` file or a directory holding `tokenizer.model`. Special ids are what
     the model itself declares (-1 when it has none, e.g. LLaMA has no pad).
     """
+
+    filename = MODEL_FILENAME
 
     def __init__(self, path: str | os.PathLike):
         model_file = resolve_model_file(path)
@@ -145,3 +150,128 @@ class Tokenizer:
         target = out / MODEL_FILENAME
         target.write_bytes(self._proto)
         return str(target)
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (Qwen, Llama 3, minimind, ...) through the `tokenizers` library, with the
+    interface of `Tokenizer`. bos/eos/pad come from the `tokenizer_config.json` beside it (the tokens it names;
+    -1 when absent). Special tokens written in text (a chat template's "<|im_end|>") encode as their one id.
+    Holds the JSON text, so it pickles into Grain workers and saves byte-identical copies."""
+
+    filename = HF_FILENAME
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise OSError(f"cannot read tokenizer {str(path)!r}: {e}") from e
+        config_file = path.parent / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        self._load(str(path), text, config)
+
+    def _load(self, path: str, text: str, config: dict) -> None:
+        from tokenizers import Tokenizer as Backend
+        try:
+            self._tok = Backend.from_str(text)
+        except Exception as e:   # tokenizers raises a bare Exception with serde's message
+            raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json ({e})") from None
+        self._path, self._text, self._config = path, text, config
+
+        def named(key):   # "<|endoftext|>" or {"content": "<|endoftext|>", ...}
+            token = config.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            tid = self._tok.token_to_id(token) if token else None
+            return -1 if tid is None else tid
+
+        self._ids = {k: named(f"{k}_token") for k in ("bos", "eos", "pad", "unk")}
+        if self._ids["unk"] < 0 and getattr(self._tok.model, "unk_token", None):
+            self._ids["unk"] = self._tok.token_to_id(self._tok.model.unk_token) or -1
+
+    def __getstate__(self) -> dict:
+        return {"path": self._path, "text": self._text, "config": self._config}
+
+    def __setstate__(self, state: dict) -> None:
+        self._load(state["path"], state["text"], state["config"])
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self._path!r}, vocab_size={self.vocab_size})"
+
+    path = property(lambda self: self._path)
+    vocab_size = property(lambda self: self._tok.get_vocab_size(with_added_tokens=True))
+    bos_id = property(lambda self: self._ids["bos"])
+    eos_id = property(lambda self: self._ids["eos"])
+    pad_id = property(lambda self: self._ids["pad"])
+    unk_id = property(lambda self: self._ids["unk"])
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Every special added token (e.g. <|im_start|>, <|im_end|>, <|endoftext|>) -> its id."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}; use encode_batch for many texts")
+        return self._wrap(self._tok.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"encode_batch: texts[{i}] is {type(t).__name__}, not str")
+        return [self._wrap(e.ids, add_bos, add_eos) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        return [self.bos_id] * (add_bos and self.bos_id >= 0) + ids + [self.eos_id] * (add_eos and self.eos_id >= 0)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; special tokens decode to nothing, as bos/eos do with SentencePiece."""
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is out of range for {self._path!r} (vocab_size {self.vocab_size})")
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def id_to_piece(self, id: int) -> str:
+        return self._tok.id_to_token(int(id))
+
+    def piece_to_id(self, piece: str) -> int:
+        tid = self._tok.token_to_id(piece)
+        return self.unk_id if tid is None else tid
+
+    def save(self, out_dir: str | os.PathLike) -> str:
+        """Writes tokenizer.json (and the tokenizer_config.json that names its special tokens); returns the path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / HF_FILENAME).write_text(self._text, encoding="utf-8")
+        if self._config:
+            (out / "tokenizer_config.json").write_text(json.dumps(self._config, indent=2, ensure_ascii=False))
+        return str(out / HF_FILENAME)
+
+
+def find_tokenizer_file(directory: str | os.PathLike) -> str | None:
+    """The tokenizer file of a checkpoint, run or model folder: tokenizer.model (SentencePiece, exact) if present,
+    else tokenizer.json; None when it has neither."""
+    for name in (MODEL_FILENAME, HF_FILENAME):
+        if (Path(directory) / name).is_file():
+            return str(Path(directory) / name)
+    return None
+
+
+def load_tokenizer(path: str | os.PathLike) -> "Tokenizer | HFTokenizer":
+    """A SentencePiece `.model`, a Hugging Face `tokenizer.json`, or a folder holding either (tokenizer.model first,
+    as SentencePiece is the exact reference where a folder has both) -> a tokenizer with one interface."""
+    if isinstance(path, (Tokenizer, HFTokenizer)):
+        return path
+    p = Path(path)
+    if p.is_dir():
+        found = find_tokenizer_file(p)
+        if found is None:
+            raise FileNotFoundError(f"{str(p)!r} holds no tokenizer ({MODEL_FILENAME} or {HF_FILENAME})")
+        p = Path(found)
+    if not p.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {str(p)!r} (expected a SentencePiece .model, a Hugging Face "
+                                f"tokenizer.json, or a directory holding one)")
+    if p.suffix == ".json":
+        return HFTokenizer(p)
+    return Tokenizer(p)
