@@ -15,6 +15,9 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "safetensors>=0.4",  # reading and writing Hugging Face checkpoints (numpy API, no torch)
+    "tokenizers>=0.20",  # Hugging Face tokenizer.json (Qwen, Llama 3) and the tokenizer.json of every export
+    "jinja2>=3.1",  # chat templates, rendered as transformers renders them
+    "huggingface_hub>=0.24",  # Hub ids as init_from / --checkpoint / --hf_dir (its cache, HF_HUB_OFFLINE)
 ]
 
 EXTRAS = {

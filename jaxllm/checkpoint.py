@@ -421,6 +421,8 @@ def import_hf(hf_dir: str, out_dir: str) -> str:
     """Hugging Face Llama directory -> standalone jaxllm checkpoint (params, model config, tokenizer)."""
     from jaxllm.model.convert import from_hf
     from jaxllm.data.templates import model_template, save_template
+    from jaxllm.hub import resolve_model_path
+    hf_dir = resolve_model_path(hf_dir)
     params, model_cfg = from_hf(hf_dir)
     out = save_params(out_dir, params, model_cfg, find_tokenizer_file(hf_dir))
     own = model_template(hf_dir)          # the model's chat template comes along, the default of SFT and serving

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxllm import checkpoint
+from jaxllm import checkpoint, hub
 from jaxllm.config import ModelConfig
 from jaxllm.data.templates import ChatTemplate, model_template
 from jaxllm.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
@@ -36,6 +36,7 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: Mesh | 
     tokenizer: a SentencePiece model replacing the checkpoint's own (required when it carries none).
     mesh: params are replicated over it; None leaves them on the default device.
     compute_dtype, attention_impl: override the checkpoint's model config (e.g. "bfloat16", "xla")."""
+    path = hub.resolve_model_path(path)
     description = checkpoint.describe_checkpoint(path)
     params, cfg, saved_tokenizer = checkpoint.load_params(path)
     if not (tokenizer or saved_tokenizer):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from jaxllm import distributed, run_history, sharding
+from jaxllm import distributed, hub, run_history, sharding
 from jaxllm.checkpoint import (RUN_CONFIG_FILE, checkpoint_steps, describe_checkpoint,
                                load_params)
 from jaxllm.config import Config, ConfigError, init_checkpoint
@@ -181,6 +181,8 @@ def setup_run(cfg: Config) -> RunSetup:
     if cfg.train.batch_size % nproc:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must divide across {nproc} processes")
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+    if init_checkpoint(cfg):    # a Hub id becomes its local snapshot, before anything reads init_from
+        cfg = dataclasses.replace(cfg, init_from=hub.resolve_model_path(cfg.init_from))
     cfg, init_tokenizer = architecture_from_init(cfg)
     tokenizer = tokenizer_for_run(cfg, init_tokenizer)
     cfg = fit_run_to_tokenizer(cfg, tokenizer.vocab_size, init_tokenizer)   # init_from + a larger tokenizer
