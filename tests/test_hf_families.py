@@ -134,3 +134,40 @@ def test_presets_have_the_published_parameter_counts(preset, parameters):
     """The counts the model cards state (transformers' num_parameters() of each released checkpoint)."""
     from jaxllm.model.spec import count_params
     assert count_params(ModelConfig.preset(preset)) == parameters
+
+
+def test_sft_of_a_tiny_qwen3_with_its_chat_template_then_generate(tmp_path, shared_data, caplog):
+    """The road of a user starting from Qwen3: an HF folder (here tiny, random, with minimind's byte-level BPE
+    tokenizer and chatml template) fine-tuned by SFT with data.template=auto, then generated from with the
+    template it was trained with, which the run saved."""
+    import logging
+    import shutil
+
+    from jaxllm.cli import load_config
+    from jaxllm.data import templates
+    from jaxllm.eval.cli import generate_main
+    from jaxllm.inference import load_for_inference
+    from jaxllm.trainer import train
+
+    minimind = shared_data / "tokenizers" / "minimind"
+    base = tmp_path / "qwen3"
+    hf_cfg = FAMILIES["qwen3"]()
+    hf_cfg.vocab_size = 6400
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(base, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(minimind / name, base / name)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"第{i}个问题", "output": "好的。"}, ensure_ascii=False) + "\n"
+                            for i in range(40)), encoding="utf-8")
+    workdir = tmp_path / "run"
+    train(load_config(["--config=sft:model=tiny", f"--config.init_from={base}", f"--config.data.train=('{data}',)",
+                       f"--config.workdir={workdir}", "--config.data.seq_len=64", "--config.train.steps=3",
+                       "--config.train.batch_size=4", "--config.train.eval_every=0", "--config.train.save_every=3"]))
+    own = templates.model_template(minimind)
+    model = load_for_inference(str(workdir))
+    assert model.cfg.qk_norm and model.cfg.head_dim == 24
+    assert model.template.source == own.source                 # saved with the run: serve and score use it too
+    with caplog.at_level(logging.INFO):
+        assert generate_main([f"--checkpoint={workdir}", "--prompt=你好", "--max_new_tokens=4"]) == 0
+    assert "chat_template.jinja, the model's own" in caplog.text     # generate logs which template it applies
