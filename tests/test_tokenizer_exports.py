@@ -105,3 +105,19 @@ def test_a_hugging_face_tokenizer_exports_as_it_came(tmp_path, shared_data):
     own = templates.model_template(shared_data / "tokenizers" / "minimind")
     assert hf["chat"] == [own.render(c, add_generation_prompt=c[-1]["role"] == "user",
                                      **templates.special_token_texts(tok)) for c in CONVERSATIONS]
+
+
+def test_expand_a_tokenizer_json_with_whole_chinese_words(tmp_path, shared_data):
+    from jaxllm.tokenizer.expand import expand_tokenizer
+    words = tmp_path / "words.txt"
+    words.write_text("红楼梦\n贾宝玉\n林黛玉\n贾宝玉\n\n的\n", encoding="utf-8")
+    base = load_tokenizer(shared_data / "tokenizers" / "minimind")
+    result = expand_tokenizer(shared_data / "tokenizers" / "minimind", tmp_path / "out", add_words_from=[words])
+    assert (result.added, result.duplicate, result.blank, result.already_present) == (3, 1, 1, 1)
+    assert result.vocab_size == base.vocab_size + 3
+    merged = load_tokenizer(tmp_path / "out")
+    ids = merged.encode("贾宝玉读红楼梦")
+    assert merged.encode("红楼梦") == [base.vocab_size] and len(ids) < len(base.encode("贾宝玉读红楼梦"))
+    assert merged.decode(ids) == "贾宝玉读红楼梦"
+    assert merged.eos_id == base.eos_id                       # the special tokens come along
+    assert auto_tokenizer(tmp_path / "out")["ids"] == [merged.encode(t) for t in TEXTS]

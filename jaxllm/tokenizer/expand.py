@@ -32,7 +32,8 @@ from google.protobuf.message import DecodeError
 
 from jaxllm.tokenizer.hf_files import write_hf_tokenizer_files
 from jaxllm.tokenizer.proto import model_proto_class
-from jaxllm.tokenizer.tokenizer import MODEL_FILENAME, Tokenizer, not_a_model_error, resolve_model_file
+from jaxllm.tokenizer.tokenizer import (HF_FILENAME, MODEL_FILENAME, HFTokenizer, Tokenizer, load_tokenizer,
+                                        not_a_model_error, resolve_model_file)
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,8 @@ def expand_tokenizer(base: str | os.PathLike, out_dir: str | os.PathLike, *,
     add, add_words_from = list(add), list(add_words_from)
     if not add and not add_words_from:
         raise ValueError("expand needs a SentencePiece model to add (--add) or a word list (--add_words)")
+    if isinstance(load_tokenizer(base), HFTokenizer):
+        return _expand_tokenizer_json(base, out_dir, add, add_words_from, skip_ascii_pieces)
     proto = load_model_proto(base, "base")
     result = ExpandResult(path="", base_size=len(proto.pieces), vocab_size=len(proto.pieces))
     for path in add:
@@ -182,5 +185,48 @@ def expand_tokenizer(base: str | os.PathLike, out_dir: str | os.PathLike, *,
     Tokenizer(target)                                # the merged model must load, or fail here naming the file
     write_hf_tokenizer_files(target, out)
     result.path = str(target)
+    log.info("%s", result.summary())
+    return result
+
+
+def _expand_tokenizer_json(base, out_dir, add, add_words_from, skip_ascii_pieces: bool) -> ExpandResult:
+    """A Hugging Face tokenizer.json base (Qwen, Llama 3): the new words (and the normal pieces of added
+    SentencePiece models, "▁" read as a space) become added tokens through the `tokenizers` library, with ids after
+    the base's; a word the base already encodes as one token counts as present. Same report as the SentencePiece
+    path; the embedding resize then grows the model by `added` rows."""
+    from tokenizers import AddedToken
+
+    tokenizer = load_tokenizer(base)
+    backend = tokenizer._tok
+    words = [line for path in add_words_from for line in _read_words(path)]
+    for path in add:
+        words += [p.piece.replace("▁", " ") for p in load_model_proto(path, "added model").pieces
+                  if p.type == _PIECE.NORMAL]
+    result = ExpandResult(path="", base_size=tokenizer.vocab_size, vocab_size=tokenizer.vocab_size)
+    listed: set[str] = set()
+    new = []
+    for line in words:
+        word = line.strip()
+        if not word:
+            result.blank += 1
+        elif word in listed:
+            result.duplicate += 1
+        elif len(backend.encode(word, add_special_tokens=False).ids) == 1:
+            listed.add(word)
+            result.already_present += 1
+        elif skip_ascii_pieces and is_ascii_piece(word):
+            result.ascii_skipped += 1
+        else:
+            listed.add(word)
+            new.append(AddedToken(word, normalized=False, special=False))
+    result.added = backend.add_tokens(new)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / HF_FILENAME).write_text(backend.to_str(), encoding="utf-8")
+    config = Path(tokenizer.path).parent / "tokenizer_config.json"
+    if config.is_file() and config.resolve() != (out / "tokenizer_config.json").resolve():
+        (out / "tokenizer_config.json").write_bytes(config.read_bytes())
+    write_hf_tokenizer_files(out / HF_FILENAME, out)
+    result.path, result.vocab_size = str(out / HF_FILENAME), load_tokenizer(out).vocab_size
     log.info("%s", result.summary())
     return result
