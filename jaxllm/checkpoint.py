@@ -381,6 +381,17 @@ def _restore_target(saved_meta, model_cfg: ModelConfig, where, shardings=None) -
     return target
 
 
+def load_params_on_mesh(path: str, mesh, rules) -> tuple[dict, ModelConfig, str | None]:
+    """load_params with every decoder array sharded over `mesh` as `rules` lay out the checkpoint's own
+    architecture: each process reads only what its devices hold, no device gets a full copy, and jitted code on
+    the mesh accepts the arrays (a default-device array fails there on a mesh of more than one device)."""
+    from jaxllm import sharding
+    from jaxllm.model.spec import logical_axes
+    model_cfg = describe_checkpoint(path)["model_cfg"]
+    shardings = sharding.tree_shardings(mesh, rules, logical_axes(model_cfg), abstract_params(model_cfg))
+    return load_params(path, shardings)
+
+
 def load_params(path: str, shardings=None) -> tuple[dict, ModelConfig, str | None]:
     """(params, model_cfg, tokenizer_path) from any checkpoint a command accepts. `shardings`, a tree
     matching the decoder params, places them directly; by default they land on the default device.

@@ -163,7 +163,8 @@ def cmd_convert(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="direction", required=True)
     p = sub.add_parser("from-hf", help="Hugging Face Llama (config.json + safetensors) -> jaxllm checkpoint",
                        formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors, or a Hugging Face Hub id (its cache; HF_HUB_OFFLINE=1 respected)")
+    p.add_argument("--hf_dir", required=True, help="directory with config.json and *.safetensors, or a Hugging "
+                   "Face Hub id (its cache; HF_HUB_OFFLINE=1 respected)")
     p.add_argument("--out", required=True, help="jaxllm checkpoint directory to write")
     p = sub.add_parser("to-hf", help="jaxllm checkpoint -> Hugging Face Llama directory",
                        formatter_class=DefaultsHelpFormatter)

@@ -18,8 +18,7 @@ from pathlib import Path
 import jax
 
 from jaxllm import distributed, hub, run_history, sharding
-from jaxllm.checkpoint import (RUN_CONFIG_FILE, checkpoint_steps, describe_checkpoint,
-                               load_params)
+from jaxllm.checkpoint import RUN_CONFIG_FILE, checkpoint_steps, describe_checkpoint, load_params_on_mesh
 from jaxllm.config import Config, ConfigError, init_checkpoint
 from jaxllm.data import templates
 from jaxllm.model.resize import check_tokenizer_size, resize_vocab, resized_config, token_rows
@@ -198,7 +197,7 @@ def load_init_params(setup: RunSetup) -> dict | None:
     cfg, tokenizer = setup.cfg, setup.tokenizer
     if not init_checkpoint(cfg):
         return None
-    params, init_model, _ = load_params(cfg.init_from)
+    params, init_model, _ = load_params_on_mesh(cfg.init_from, setup.mesh, cfg.mesh.rules)
     if token_rows(init_model) < tokenizer.vocab_size:
         params, _ = resize_vocab(params, init_model, tokenizer.vocab_size, cfg.resize_method,
                                  key=jax.random.key(cfg.train.seed), base_tokenizer=setup.init_tokenizer,

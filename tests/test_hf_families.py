@@ -169,5 +169,5 @@ def test_sft_of_a_tiny_qwen3_with_its_chat_template_then_generate(tmp_path, shar
     assert model.cfg.qk_norm and model.cfg.head_dim == 24
     assert model.template.source == own.source                 # saved with the run: serve and score use it too
     with caplog.at_level(logging.INFO):
-        assert generate_main([f"--checkpoint={workdir}", "--prompt=你好", "--max_new_tokens=4"]) == 0
+        assert generate_main([f"--checkpoint={workdir}", "--prompt=你好", "--max_new_tokens=4", "--attention=xla"]) == 0
     assert "chat_template.jinja, the model's own" in caplog.text     # generate logs which template it applies

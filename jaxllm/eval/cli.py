@@ -25,7 +25,16 @@ def _is_workdir(checkpoint: str | None) -> bool:
 
 def _add_model_flags(p) -> None:
     p.add_argument("--checkpoint", required=True, help="run workdir, step dir, converted or Hugging Face dir")
-    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the checkpoint's)")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece .model or tokenizer.json (default: the "
+                   "checkpoint's)")
+    add_attention_flag(p)
+
+
+def add_attention_flag(p) -> None:
+    from jaxllm.config import ATTENTION_IMPLS
+    p.add_argument("--attention", default=None, choices=ATTENTION_IMPLS,
+                   help="attention kernel (default: the checkpoint's model.attention_impl); auto takes the fastest "
+                        "one that can run each call, xla always runs")
 
 
 def main(argv: list[str]) -> int:
@@ -118,7 +127,7 @@ def main(argv: list[str]) -> int:
             sources[Path(path).name if Path(path).name not in sources else path] = ppl.read_text(
                 path, args.jsonl_field, args.max_chars)
     from jaxllm.inference import load_for_inference
-    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, attention_impl=args.attention)
     if args.what == "ppl":
         report = ppl.evaluate_perplexity(model.params, model.cfg, model.tokenizer, sources, window=args.window,
                                          stride=args.stride, batch_size=args.batch_size)
@@ -156,7 +165,7 @@ def generate_main(argv: list[str]) -> int:
     from jaxllm.data.templates import chosen_template, encode_prompt, stop_markers
     from jaxllm.inference import load_for_inference
     from jaxllm.model.generate import SamplingParams, generate
-    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, attention_impl=args.attention)
     tok = model.tokenizer
     template = chosen_template(args.template, model.template, "generate")
     if template is not None:

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import steps
-from jaxllm.checkpoint import load_params
+from jaxllm import sharding, steps
+from jaxllm.checkpoint import load_params_on_mesh
 from jaxllm.config import Config, ConfigError, ModelConfig, init_checkpoint
 from jaxllm.data.chat_pipeline import encoded_pairs_of_run, pair_batch, preference_pipelines
 from jaxllm.progress import ProgressLog
@@ -74,11 +74,12 @@ def dpo_report(sums: dict) -> dict:
 
 
 def attach_reference_logprobs(pairs: list[dict], reference, model_cfg: ModelConfig, seq_len: int,
-                              batch_size: int) -> None:
+                              batch_size: int, out_sharding=None) -> None:
     """Computes the reference model's (chosen, rejected) log-probabilities once, into each encoded pair's
     per-pair arrays (REFERENCE_LOGPROBS), which the preference pipeline carries into every batch. A long
     pass: a progress line per interval (pairs done, rate, time left)."""
-    logprobs = jax.jit(functools.partial(pair_logprobs, cfg=model_cfg))
+    # out_sharding replicated: every process can read the values of a reference sharded across processes.
+    logprobs = jax.jit(functools.partial(pair_logprobs, cfg=model_cfg), out_shardings=out_sharding)
     progress = ProgressLog("DPO reference log-probabilities", len(pairs), "pairs")
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
@@ -95,11 +96,13 @@ def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: in
         raise ConfigError(f"objective 'dpo' needs init_from (the SFT model, which is also the frozen reference), "
                           f"got {cfg.init_from!r}: DPO from random weights has no reference to stay near")
     train_pairs, eval_pairs = encoded_pairs_of_run(cfg, tokenizer)
-    reference, _, _ = load_params(cfg.init_from)
+    mesh = sharding.make_mesh(cfg.mesh)     # the run's mesh (the same devices in the same order as the trainer's)
+    reference, _, _ = load_params_on_mesh(cfg.init_from, mesh, cfg.mesh.rules)   # sharded like the policy
     reference = {k: v for k, v in reference.items() if k != "reward_head"}
     if cfg.dpo.reference == "cached":
         for pairs in (train_pairs, eval_pairs):
-            attach_reference_logprobs(pairs, reference, cfg.model, cfg.data.seq_len, batch_size)
+            attach_reference_logprobs(pairs, reference, cfg.model, cfg.data.seq_len, batch_size,
+                                      out_sharding=sharding.replicated(mesh))
         frozen = {}
     else:
         frozen = {"reference": reference}

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from jaxllm.cli import DefaultsHelpFormatter
+from jaxllm.eval.cli import add_attention_flag
 
 API_KEY_ENV = "JAXLLM_API_KEY"
 
@@ -21,6 +22,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model_name", default=None, help="the model id clients send (default: checkpoint dir name)")
     parser.add_argument("--template", default=None, help="chat template for /v1/chat/completions: a built-in name, a "
                         ".jinja file or a folder carrying one (default: the model's own, else chat)")
+    add_attention_flag(parser)
     parser.add_argument("--max_batch", type=int, default=8, help="most rows decoded together")
     parser.add_argument("--max_tokens", type=int, default=256, help="default completion length for chat")
     parser.add_argument("--api_key", default=None,
@@ -34,7 +36,7 @@ def main(argv: list[str]) -> int:
     from jaxllm.data.templates import chosen_template
     from jaxllm.inference import load_for_inference
     from jaxllm.serve.server import Server
-    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
+    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, attention_impl=args.attention)
     server = Server(model.params, model.cfg, model.tokenizer,
                     model_name=args.model_name or Path(args.checkpoint).absolute().name,
                     template=chosen_template(args.template, model.template, "serve", fallback="chat"),
