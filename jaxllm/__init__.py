@@ -27,7 +27,7 @@ _EXPORTS = {
     "jaxllm.objectives.reward": ("bradley_terry", "reward_loss", "score"),
     "jaxllm.objectives.dpo": ("dpo", "dpo_loss"),
     "jaxllm.steps": ("eval_step", "init_train_state", "train_step"),
-    "jaxllm.tokenizer": ("Tokenizer", "train_tokenizer"),
+    "jaxllm.tokenizer": ("HFTokenizer", "Tokenizer", "load_tokenizer", "train_tokenizer"),
     "jaxllm.tokenizer.expand": ("expand_tokenizer",),
     "jaxllm.tokenizer.inspect": ("text_stats",),
     "jaxllm.trainer": ("train",),

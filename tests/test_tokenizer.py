@@ -97,6 +97,16 @@ def test_trained_user_defined_symbol_is_one_piece(trained):
     assert trained.decode(ids) == f"{IM_START}user\n你好"
 
 
+def test_trained_special_tokens_by_name(trained):
+    # Control pieces, <unk> and the user-defined chat marker, by the ids the model declares.
+    im_start = trained.piece_to_id(IM_START)
+    assert trained.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, IM_START: im_start}
+    assert trained.token_id(IM_START) == trained.encode(f"x{IM_START}")[-1] == im_start      # one piece in text
+    assert trained.token_id("</s>") == trained.eos_id
+    with pytest.raises(KeyError, match=r"'<\|im_end\|>' is not a special token of .*tokenizer.model"):
+        trained.token_id("<|im_end|>")
+
+
 def test_trained_add_bos_eos_and_batch_match_single_encode(trained):
     texts = ["你好，世界", "hello world", ""]
     assert trained.encode_batch(texts) == [trained.encode(t) for t in texts]

@@ -64,10 +64,11 @@ def test_minimind_tokenizer_json_loads_and_encodes_like_transformers(shared_data
     tok = load_tokenizer(path)
     assert isinstance(tok, HFTokenizer) and load_tokenizer(path / "tokenizer.json").vocab_size == tok.vocab_size
     assert tok.special_tokens["<|im_end|>"] == tok.encode("<|im_end|>")[0] == tok.eos_id
+    assert tok.token_id("<|im_start|>") == tok.encode("<|im_start|>user")[0] != tok.token_id("<|im_end|>")
     hf = auto_tokenizer(path)
     assert hf["ids"] == [tok.encode(t) for t in TEXTS]
     again = pickle.loads(pickle.dumps(tok))                 # Grain workers get it pickled
-    assert again.encode(TEXTS[0]) == tok.encode(TEXTS[0])
+    assert again.encode(TEXTS[0]) == tok.encode(TEXTS[0]) and again.special_tokens == tok.special_tokens
 
 
 def test_export_of_a_trained_sentencepiece_model_with_its_chat_template(tmp_path, tokenizer_path):

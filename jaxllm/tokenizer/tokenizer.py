@@ -7,6 +7,7 @@ checkpoint or workdir even after the original file is gone.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -43,7 +44,21 @@ def not_a_model_error(path: str | os.PathLike, data: bytes, role: str = "") -> V
                       f"sentencepiece, e.g. LLaMA's tokenizer.model")
 
 
-class Tokenizer:
+class _SpecialTokens:
+    """`token_id`, shared by both tokenizers over their `special_tokens`."""
+
+    def token_id(self, text: str) -> int:
+        """The id of one special token by its text ("<|im_end|>", "</s>"); KeyError naming the tokenizer if it
+        has no such token (a chat marker the template needs but the vocabulary lacks)."""
+        tid = self.special_tokens.get(text)
+        if tid is None:
+            names = sorted(self.special_tokens)
+            raise KeyError(f"{text!r} is not a special token of {self.path!r} (its {len(names)} special tokens "
+                           f"include {names[:12]})")
+        return tid
+
+
+class Tokenizer(_SpecialTokens):
     """A SentencePiece model: text <-> token ids.
 
     `Tokenizer(path)` takes a `.model` file or a directory holding `tokenizer.model`. Special ids are what
@@ -104,6 +119,15 @@ class Tokenizer:
     def unk_id(self) -> int:
         return self._sp.unk_id()
 
+    @functools.cached_property
+    def special_tokens(self) -> dict[str, int]:
+        """Control pieces (<s>, </s>), <unk> and user-defined symbols (always one piece in text, e.g. a chat
+        marker given to training as user_defined_symbols) -> id. Control pieces written in text are not one id
+        (sentencepiece splits "</s>" as text); chat templates encode bos/eos texts through their ids instead."""
+        from jaxllm.tokenizer.proto import model_proto_class
+        kinds = {2, 3, 4}   # SentencePiece.Type UNKNOWN, CONTROL, USER_DEFINED
+        return {p.piece: i for i, p in enumerate(model_proto_class().FromString(self._proto).pieces) if p.type in kinds}
+
     # --- encoding ------------------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Token ids of one string."""
@@ -152,7 +176,7 @@ class Tokenizer:
         return str(target)
 
 
-class HFTokenizer:
+class HFTokenizer(_SpecialTokens):
     """A Hugging Face `tokenizer.json` (Qwen, Llama 3, minimind, ...) through the `tokenizers` library, with the
     interface of `Tokenizer`. bos/eos/pad come from the `tokenizer_config.json` beside it (the tokens it names;
     -1 when absent). Special tokens written in text (a chat template's "<|im_end|>") encode as their one id.
