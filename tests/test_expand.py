@@ -72,11 +72,9 @@ def test_round_trip_and_fewer_tokens_on_chinese(real, merged):
 
 
 def test_transformers_encodes_the_same_ids_as_jaxllm_for_the_merged_model(real, merged):
-    """AutoTokenizer reads tokenizer_config.json (PreTrainedTokenizerFast over tokenizer.model). transformers 5's
-    LlamaTokenizer is not used: it re-reads any .model as its own BPE and differs from sentencepiece even on
-    LLaMA's original tokenizer.model."""
-    from jaxllm.tokenizer.proto import ensure_pb2_importable
-    ensure_pb2_importable()                     # transformers converts through sentencepiece_model_pb2
+    """AutoTokenizer reads the tokenizer.json the expansion writes (PreTrainedTokenizerFast, no SentencePiece
+    protobuf parsed). transformers 5's LlamaTokenizer is not used: it re-reads any .model as its own BPE and
+    differs from sentencepiece even on LLaMA's original tokenizer.model."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(merged.path.rsplit("/", 1)[0])
     tok = Tokenizer(merged.path)

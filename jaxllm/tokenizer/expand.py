@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 
 from jaxllm.tokenizer.hf_files import write_hf_tokenizer_files
 from jaxllm.tokenizer.proto import model_proto_class
-from jaxllm.tokenizer.tokenizer import (HF_FILENAME, MODEL_FILENAME, HFTokenizer, Tokenizer, load_tokenizer,
+from jaxllm.tokenizer.tokenizer import (HF_FILENAME, MODEL_FILENAME, Tokenizer, is_tokenizer_json, load_tokenizer,
                                         not_a_model_error, resolve_model_file)
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def expand_tokenizer(base: str | os.PathLike, out_dir: str | os.PathLike, *,
     add, add_words_from = list(add), list(add_words_from)
     if not add and not add_words_from:
         raise ValueError("expand needs a SentencePiece model to add (--add) or a word list (--add_words)")
-    if isinstance(load_tokenizer(base), HFTokenizer):
+    if is_tokenizer_json(base):   # decided by name, so a bad .model fails below naming it the base
         return _expand_tokenizer_json(base, out_dir, add, add_words_from, skip_ascii_pieces)
     proto = load_model_proto(base, "base")
     result = ExpandResult(path="", base_size=len(proto.pieces), vocab_size=len(proto.pieces))

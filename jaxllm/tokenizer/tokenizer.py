@@ -282,11 +282,9 @@ def find_tokenizer_file(directory: str | os.PathLike) -> str | None:
     return None
 
 
-def load_tokenizer(path: str | os.PathLike) -> "Tokenizer | HFTokenizer":
-    """A SentencePiece `.model`, a Hugging Face `tokenizer.json`, or a folder holding either (tokenizer.model first,
-    as SentencePiece is the exact reference where a folder has both) -> a tokenizer with one interface."""
-    if isinstance(path, (Tokenizer, HFTokenizer)):
-        return path
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The tokenizer file `path` names: itself, or the one in a folder (tokenizer.model first, as SentencePiece is
+    the exact reference where a folder has both); FileNotFoundError naming what was tried."""
     p = Path(path)
     if p.is_dir():
         found = find_tokenizer_file(p)
@@ -296,6 +294,18 @@ def load_tokenizer(path: str | os.PathLike) -> "Tokenizer | HFTokenizer":
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer not found: {str(p)!r} (expected a SentencePiece .model, a Hugging Face "
                                 f"tokenizer.json, or a directory holding one)")
-    if p.suffix == ".json":
-        return HFTokenizer(p)
-    return Tokenizer(p)
+    return p
+
+
+def is_tokenizer_json(path: str | os.PathLike) -> bool:
+    """Whether `path` (a file or folder) is a Hugging Face tokenizer.json, decided without loading it."""
+    return tokenizer_file(path).suffix == ".json"
+
+
+def load_tokenizer(path: str | os.PathLike) -> "Tokenizer | HFTokenizer":
+    """A SentencePiece `.model`, a Hugging Face `tokenizer.json`, or a folder holding either (see `tokenizer_file`)
+    -> a tokenizer with one interface."""
+    if isinstance(path, (Tokenizer, HFTokenizer)):
+        return path
+    p = tokenizer_file(path)
+    return HFTokenizer(p) if p.suffix == ".json" else Tokenizer(p)
