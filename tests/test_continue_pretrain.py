@@ -110,8 +110,6 @@ def test_stage_one_trains_only_new_rows_then_stage_two_trains_all_and_exports(se
     # Export: transformers loads the model and the merged tokenizer; logits of real tokens match ours.
     from jaxllm.checkpoint import export_hf
     from jaxllm.model.transformer import forward
-    from jaxllm.tokenizer.proto import ensure_pb2_importable
-    ensure_pb2_importable()
     out = export_hf(str(stage2), str(setup["root"] / "export"))
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
