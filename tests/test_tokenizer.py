@@ -228,12 +228,10 @@ def test_llama_encodings_match_transformers_on_the_exported_tokenizer_json(llama
     texts = []
     for path in [HONGLOUMENG, SHAKESPEARE, WIKITEXT, DATA / "text" / "ja" / "wagahaiwa_nekodearu.txt"]:
         texts += _read(path, 40_000).splitlines()[:150]
-    # Two differences of the reference are left out: it splits runs of whitespace (e.g. leading spaces)
-    # differently from sentencepiece, so they are collapsed; and it parses the literal text "<unk>", "<s>"
-    # and "</s>" (WikiText is full of "<unk>") as special tokens, so those lines are dropped.
-    texts = [" ".join(t.split()) for t in texts
-             if t.strip() and not any(s in t for s in ("<unk>", "<s>", "</s>"))]
-    texts.append("Hello 世界 12345 😀 龘𠀀")
+    # One difference is left out: transformers parses the literal text "<unk>", "<s>" and "</s>" (WikiText is
+    # full of "<unk>") as special tokens where sentencepiece spells them out, so those lines are dropped.
+    texts = [t for t in texts if t.strip() and not any(s in t for s in ("<unk>", "<s>", "</s>"))]
+    texts += ["Hello 世界 12345 😀 龘𠀀", "  two leading", "a   b\t\tc", "x\n\n  y", "end  "]
     assert len(texts) > 300
     for text in texts:
         assert llama.encode(text) == reference.encode(text, add_special_tokens=False), text

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
-import sys
 import types
 
 _PB2 = "sentencepiece.sentencepiece_model_pb2"
@@ -42,8 +41,3 @@ def model_proto_class():
     """The `sentencepiece.ModelProto` class (its nested `SentencePiece`, enums and `TrainerSpec` included)."""
     return _pb2_module().ModelProto
 
-
-def ensure_pb2_importable() -> None:
-    """Makes `import sentencepiece.sentencepiece_model_pb2` work for other libraries in this process (transformers
-    converts SentencePiece models through it) when the shipped module does not match the protobuf runtime."""
-    sys.modules.setdefault(_PB2, _pb2_module())
