@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from jaxllm.checkpoint import export_hf, save_params
@@ -122,3 +123,14 @@ def test_expand_a_tokenizer_json_with_whole_chinese_words(tmp_path, shared_data)
     assert merged.decode(ids) == "贾宝玉读红楼梦"
     assert merged.eos_id == base.eos_id                       # the special tokens come along
     assert auto_tokenizer(tmp_path / "out")["ids"] == [merged.encode(t) for t in TEXTS]
+
+    # The embedding resize works from it: a new word's row is the mean of the base rows of the tokens it was.
+    from jaxllm.model.resize import resize_vocab
+    cfg = ModelConfig.preset("tiny", vocab_size=base.vocab_size)
+    params = init_params(cfg, jax.random.key(0))
+    grown, grown_cfg = resize_vocab(params, cfg, merged.vocab_size, method="subword_mean",
+                                    base_tokenizer=base, new_tokenizer=merged)
+    assert grown_cfg.vocab_size >= merged.vocab_size
+    table = np.asarray(params["embed"]["embedding"], np.float32)                      # (vocab, embed)
+    np.testing.assert_allclose(np.asarray(grown["embed"]["embedding"])[merged.piece_to_id("红楼梦")],
+                               table[base.encode("红楼梦")].mean(axis=0), rtol=1e-6, atol=1e-6)
