@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 # Ranges admit both what PyPI serves to CI today (jax 0.10) and the GPU image (jax 0.11, flax 0.12.10).
 INSTALL_REQUIRES = [
     "jax>=0.6",
-    "flax>=0.10",
+    "flax>=0.12",
     "optax>=0.2.6",
     "orbax-checkpoint>=0.11",
     "grain>=0.2.10",
@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.20",  # Hugging Face tokenizer.json (Qwen, Llama 3) and the tokenizer.json of every export
     "jinja2>=3.1",  # chat templates, rendered as transformers renders them
     "huggingface_hub>=0.24",  # Hub ids as init_from / --checkpoint / --hf_dir (its cache, HF_HUB_OFFLINE)
+    "qwix>=0.1.8",  # Google's JAX quantization library: the int8 / NF4 frozen base of QLoRA (model/quantize.py)
 ]
 
 EXTRAS = {
@@ -27,7 +28,7 @@ EXTRAS = {
     "demo": ["snownlp>=0.12"],
     # Test-time references only; the library never imports torch. torch is pinned to the CPU build that
     # this workplace keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
-    "hf": ["torch==2.13.0", "transformers>=4.45"],
+    "hf": ["torch==2.13.0", "transformers>=4.45", "peft>=0.13"],   # peft: LoRA adapter exports load in it
     "test": ["pytest>=8", "snownlp>=0.12", "openai>=1.0",  # openai: the official client talks to `jaxllm serve`
              "pyarrow>=14", "tensorflow-datasets>=4.9.4", "apache-beam>=2.60"],  # the data tests run in CI
     # Data sources beyond text files: Parquet, and TFDS through tfds.data_source (TensorFlow is not needed).

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from jaxllm import config as config_lib
 from jaxllm.config import ModelConfig
 from jaxllm.distributed import barrier
+from jaxllm.model import lora as lora_lib
 from jaxllm.model.spec import abstract_params
 from jaxllm.tokenizer.tokenizer import find_tokenizer_file, load_tokenizer
 
@@ -337,6 +338,13 @@ def _model_config_of_run(workdir: Path) -> ModelConfig:
     return config_lib.model_config_from_dict(run_cfg["model"])
 
 
+def lora_of_run(workdir: Path) -> tuple[config_lib.LoraConfig, str] | None:
+    """(the run's LoRA config, its base = init_from) when the run trained adapters; None otherwise."""
+    run_cfg = json.loads((workdir / RUN_CONFIG_FILE).read_text())
+    lora = config_lib.dataclass_from_mapping(config_lib.LoraConfig, run_cfg.get("lora", {}), "lora")
+    return (lora, run_cfg["init_from"]) if lora.rank else None
+
+
 def describe_checkpoint(path: str) -> dict:
     """What a --checkpoint path points at: {kind, model_cfg, tokenizer, params_dir|step_dir}."""
     p = Path(path).absolute()
@@ -361,7 +369,7 @@ def describe_checkpoint(path: str) -> dict:
                                 f"{MODEL_CONFIG_FILE} and params/, or a Hugging Face directory with config.json and "
                                 f"*.safetensors)")
     return {"kind": "run", "model_cfg": _model_config_of_run(workdir), "step_dir": step_dir,
-            "tokenizer": find_tokenizer_file(workdir)}
+            "tokenizer": find_tokenizer_file(workdir), "lora": lora_of_run(workdir)}
 
 
 def _restore_target(saved_meta, model_cfg: ModelConfig, where, shardings=None) -> dict:
@@ -408,6 +416,8 @@ def load_params(path: str, shardings=None) -> tuple[dict, ModelConfig, str | Non
             meta = ckptr.metadata(info["params_dir"])
             target = _restore_target(getattr(meta, "item_metadata", meta), model_cfg, info["params_dir"], shardings)
             params = ckptr.restore(info["params_dir"], target)
+    elif info["lora"] is not None:
+        params = _load_lora_run(info, shardings)
     else:
         # Restore only the params subtree of the train state: the optimizer state is not needed.
         state_dir = info["step_dir"] / "state"
@@ -428,6 +438,33 @@ def load_params(path: str, shardings=None) -> tuple[dict, ModelConfig, str | Non
     return params, model_cfg, info["tokenizer"]
 
 
+def load_adapters(step_dir: Path) -> dict:
+    """The trained entries of a LoRA run's step (adapters, an objective's head) as host arrays: small."""
+    state_dir = step_dir / "state"
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(state_dir)
+        meta = getattr(meta, "item_metadata", meta)
+        meta = getattr(meta, "tree", meta)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta["params"])
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"]
+
+
+def _load_lora_run(info: dict, shardings=None) -> dict:
+    """A LoRA run's model: its base (init_from, loaded as that checkpoint loads) with the adapters of the step
+    folded in (W + alpha/rank·A·B) at the base's own precision, so every command reads it as a plain model."""
+    lora, base_path = info["lora"]
+    base, _, _ = load_params(base_path, shardings)
+    trained = load_adapters(info["step_dir"])
+    heads = {k: jax.tree.map(jax.numpy.asarray, v) for k, v in trained.items() if k != "layers"}   # a reward head
+    adapters = {"layers": trained["layers"]} if "layers" in trained else {}
+    decoder = {k: v for k, v in base.items() if k not in heads}
+    merged = jax.jit(lambda b, a: lora_lib.merge(b, a, lora_lib.scale(lora)))(decoder, adapters)
+    return {**merged, **heads}
+
+
 def import_hf(hf_dir: str, out_dir: str) -> str:
     """Hugging Face Llama directory -> standalone jaxllm checkpoint (params, model config, tokenizer)."""
     from jaxllm.model.convert import from_hf
@@ -442,10 +479,22 @@ def import_hf(hf_dir: str, out_dir: str) -> str:
     return out
 
 
-def export_hf(checkpoint: str, out_dir: str) -> str:
-    """Any jaxllm checkpoint -> Hugging Face Llama directory that transformers loads."""
-    from jaxllm.model.convert import to_hf
+def export_hf(checkpoint: str, out_dir: str, adapter_only: bool = False) -> str:
+    """Any jaxllm checkpoint -> Hugging Face directory that transformers loads (a LoRA run's adapters merged
+    into its base); adapter_only: a LoRA run's adapters alone as a PEFT adapter folder."""
+    from jaxllm.model.convert import to_hf, to_peft
     from jaxllm.data.templates import model_template
+    if adapter_only:
+        info = describe_checkpoint(checkpoint)
+        if info.get("lora") is None:
+            raise ValueError(f"{checkpoint}: --adapter_only needs a run trained with lora.rank > 0; this checkpoint "
+                             f"holds a whole model (export it without --adapter_only)")
+        lora, base = info["lora"]
+        trained = load_adapters(info["step_dir"])
+        if set(trained) - {"layers"}:
+            raise ValueError(f"{checkpoint}: trains {sorted(set(trained) - {'layers'})} beside the adapters, which a "
+                             f"PEFT causal-LM adapter cannot carry; export the merged model (without --adapter_only)")
+        return str(to_peft(trained, info["model_cfg"], lora, out_dir, base_model=base))
     params, model_cfg, tokenizer = load_params(checkpoint)
     own = model_template(checkpoint)      # the template it was trained with: apply_chat_template reproduces it
     return to_hf(params, model_cfg, out_dir, tokenizer_path=tokenizer, chat_template=own.source if own else None)

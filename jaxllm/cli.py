@@ -170,9 +170,12 @@ def cmd_convert(argv: list[str]) -> int:
                        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run workdir, step directory or converted checkpoint")
     p.add_argument("--out", required=True, help="Hugging Face directory to write")
+    p.add_argument("--adapter_only", action="store_true", help="a LoRA run's adapters as a PEFT adapter folder "
+                   "(adapter_config.json + adapter_model.safetensors) instead of the merged model")
     args = parser.parse_args(argv)
     from jaxllm.checkpoint import export_hf, import_hf
-    out = import_hf(args.hf_dir, args.out) if args.direction == "from-hf" else export_hf(args.checkpoint, args.out)
+    out = (import_hf(args.hf_dir, args.out) if args.direction == "from-hf"
+           else export_hf(args.checkpoint, args.out, adapter_only=args.adapter_only))
     print(f"wrote {out}")
     return 0
 

@@ -241,6 +241,33 @@ class DPOConfig:
         _check(self.reference in ("cached", "online"), f"{where}.reference must be 'cached' or 'online'")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")   # projection names of the decoder (model/spec.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on a frozen base (model/lora.py). rank 0 = off: every parameter trains.
+
+    With rank > 0 only the adapters (and an objective's head, e.g. the reward model's) train and are saved; the
+    base is init_from's weights, reloaded on resume, stored in base_dtype or quantized (QLoRA), never in the
+    optimizer. DPO's reference is then the base without adapters (no second copy)."""
+    rank: int = 0                   # r of W + (alpha / r)·A·B; 0 = full fine-tuning
+    alpha: float = 16.0             # scale numerator (PEFT's lora_alpha)
+    targets: tuple = LORA_TARGETS   # which projections get adapters
+    base_dtype: str = "bfloat16"    # storage of the frozen base: "bfloat16" | "float32"
+    quantize_base: str = "none"     # "none" | "int8" (per output channel) | "nf4" (QLoRA, blocks of 64); qwix
+
+    def validate(self, where: str = "lora") -> None:
+        _check(self.rank >= 0, f"{where}.rank must be >= 0")
+        _check(self.alpha > 0, f"{where}.alpha must be > 0")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(bool(self.targets) and not unknown, f"{where}.targets must be a non-empty subset of "
+               f"{LORA_TARGETS}, got {tuple(self.targets)}")
+        _check(self.base_dtype in ("bfloat16", "float32"), f"{where}.base_dtype must be bfloat16 or float32")
+        _check(self.quantize_base in ("none", "int8", "nf4"), f"{where}.quantize_base must be none, int8 or nf4, "
+               f"got {self.quantize_base!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
     """Where metrics go besides metrics.jsonl, TensorBoard and the console (jaxllm/metrics.py)."""
@@ -263,6 +290,7 @@ class Config:
     train: TrainConfig = TrainConfig()      # the loop
     reward: RewardConfig = RewardConfig()   # objective "reward" only
     dpo: DPOConfig = DPOConfig()            # objective "dpo" only
+    lora: LoraConfig = LoraConfig()         # low-rank adapters on a frozen (optionally quantized) base
     log: LogConfig = LogConfig()            # optional metric sinks (Weights & Biases)
     objective: str = "lm"           # "lm" | "sft" | "reward" | "dpo" (objectives/)
     workdir: str = ""               # everything the run writes; required
@@ -291,6 +319,11 @@ class Config:
         _check(self.resize_method in ("none", "mean", "mean_noise", "subword_mean"),
                f"resize_method must be none, mean, mean_noise or subword_mean, got {self.resize_method!r}")
         _check(self.resize_pad_to_multiple >= 1, "resize_pad_to_multiple must be >= 1")
+        _check(self.lora.rank == 0 or (bool(self.init_from) and self.init_from != INIT_SCRATCH),
+               f"lora.rank={self.lora.rank} adapts a trained base: set --config.init_from=<checkpoint or Hugging "
+               f"Face dir> (got {self.init_from!r})")
+        _check(self.lora.rank == 0 or self.optim.trainable == "all",
+               "lora.rank > 0 trains adapters only; optim.trainable='new_rows' is the full-model alternative")
         _check(self.objective == "lm" or bool(self.init_from),
                f"objective {self.objective!r} fine-tunes a trained model: set --config.init_from=<jaxllm workdir, "
                f"checkpoint or Hugging Face dir> (its tokenizer comes along), or --config.init_from=scratch to "

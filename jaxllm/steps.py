@@ -4,9 +4,10 @@ eval step. Objectives (jaxllm/objectives/) specialise `train_step` and `eval_ste
 A loss is `loss_fn(params, batch, frozen, **settings) -> (loss_sum, sums)` where `sums` holds sums over its
 examples and `sums["count"]` is how many there are (tokens for LM, pairs for preferences); `frozen` holds
 arrays the loss reads but never trains (DPO's online reference model; {} otherwise) and `settings` its
-static hyperparameters (the model config, z_loss, beta, ...). `train_step` never branches on the objective:
-it accumulates gradients of the sum over micro-batches, divides once by the total count, clips and applies
-the optimizer.
+static hyperparameters (the model config, z_loss, beta, ...). A LoRA run trains adapters on a frozen base:
+frozen["base"] holds the base and the loss sees both as one tree (`model_params`). `train_step` never branches
+on the objective: it accumulates gradients of the sum over micro-batches, divides once by the total count,
+clips and applies the optimizer.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxllm import sharding
+from jaxllm.model import lora
 from jaxllm.model.spec import init_from_specs, logical_axes
 
 
@@ -35,9 +37,17 @@ def state_shardings(specs, tx: optax.GradientTransformation, mesh, rules) -> tup
     return abstract, {"step": sharding.replicated(mesh), "params": param_sh, "opt_state": opt_sh}
 
 
-def accumulate_gradients(loss_fn, params, batch, frozen, accum_steps: int):
-    """(gradients of the loss sum, the loss's sums) over the batch, `accum_steps` micro-batches at a time."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def model_params(params, frozen, adapter_scale: float = 1.0):
+    """The parameters a loss reads: the trained ones, overlaid on frozen["base"] when the run trains adapters
+    on a frozen base (LoRA: model/lora.py); the trained ones alone otherwise."""
+    base = (frozen or {}).get("base")
+    return params if base is None else lora.combine(params, base, adapter_scale)
+
+
+def accumulate_gradients(loss_fn, params, batch, frozen, accum_steps: int, adapter_scale: float = 1.0):
+    """(gradients of the loss sum, the loss's sums) over the batch, `accum_steps` micro-batches at a time.
+    Gradients are taken with respect to `params` only: a frozen base is read, never differentiated."""
+    grad_fn = jax.value_and_grad(lambda p, b, f: loss_fn(model_params(p, f, adapter_scale), b, f), has_aux=True)
     if accum_steps == 1:
         (_, sums), grads = grad_fn(params, batch, frozen)
         return grads, sums
@@ -58,12 +68,13 @@ def accumulate_gradients(loss_fn, params, batch, frozen, accum_steps: int):
 
 
 def train_step(state: dict, batch: dict, frozen=None, *, loss_fn, tx: optax.GradientTransformation,
-               accum_steps: int = 1, **loss_settings):
+               accum_steps: int = 1, adapter_scale: float = 1.0, **loss_settings):
     """One optimizer update. Returns the new state and per-example means of the loss function's sums.
 
-    loss_settings are passed to loss_fn as keywords (its model config and hyperparameters)."""
+    loss_settings are passed to loss_fn as keywords (its model config and hyperparameters); adapter_scale is
+    LoRA's alpha/rank when frozen holds a base."""
     loss_fn = functools.partial(loss_fn, **loss_settings)
-    grads, sums = accumulate_gradients(loss_fn, state["params"], batch, frozen, accum_steps)
+    grads, sums = accumulate_gradients(loss_fn, state["params"], batch, frozen, accum_steps, adapter_scale)
     count = jnp.maximum(sums["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -73,7 +84,7 @@ def train_step(state: dict, batch: dict, frozen=None, *, loss_fn, tx: optax.Grad
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
-def eval_step(params, batch, frozen=None, *, loss_fn, **loss_settings) -> dict:
+def eval_step(params, batch, frozen=None, *, loss_fn, adapter_scale: float = 1.0, **loss_settings) -> dict:
     """Sums (not means) over the batch, so an evaluation over many batches adds them up exactly."""
-    _, sums = loss_fn(params, batch, frozen, **loss_settings)
+    _, sums = loss_fn(model_params(params, frozen, adapter_scale), batch, frozen, **loss_settings)
     return sums

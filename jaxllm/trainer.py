@@ -6,6 +6,7 @@ initial parameters and the mesh.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -24,12 +25,13 @@ from jaxllm.config import Config
 from jaxllm.data.mixture import resplit_data_state
 from jaxllm.metrics import (MetricWriter, Progress, device_peak_tflops, drop_rows_after, mfu, open_wandb_run,
                             plot_curves, wandb_module)
-from jaxllm.model.spec import flops_per_token, init_from_specs
+from jaxllm.model import lora, quantize
+from jaxllm.model.spec import flops_per_token, init_from_specs, param_specs
 from jaxllm.objectives import Objective, build_objective
 from jaxllm.optim import lr_schedule, make_optimizer
 from jaxllm.run_setup import load_init_params, setup_run
 from jaxllm.run_summary import end_summary, start_summary
-from jaxllm.steps import init_train_state, state_shardings
+from jaxllm.steps import init_train_state, model_params, state_shardings
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -90,10 +92,29 @@ def restore_state(ckpt: RunCheckpointer, abstract, state_sh, batches) -> tuple[i
     return step, state
 
 
-def create_state(objective: Objective, tx, state_sh, init_params: dict | None, seed: int) -> dict:
+def trained_specs(cfg: Config, objective: Objective) -> dict:
+    """The ParamSpecs of what the run trains: the objective's whole model, or with LoRA its adapters and the
+    objective's own entries (a reward head)."""
+    if not cfg.lora.rank:
+        return objective.specs
+    return lora.trained_specs(objective.specs, param_specs(cfg.model), cfg.lora)
+
+
+def split_base(cfg: Config, objective: Objective, init_params: dict, seed: int) -> tuple[dict, dict]:
+    """LoRA: (the trained entries init_from brings or the objective adds, e.g. a reward head; the frozen base,
+    cast or quantized as lora.* says)."""
+    heads, base = lora.split(objective.extend_params(init_params, jax.random.key(seed)))
+    return heads, quantize.frozen_base(base, cfg.lora.base_dtype, cfg.lora.quantize_base)
+
+
+def create_state(objective: Objective, tx, state_sh, init_params: dict | None, seed: int, specs=None) -> dict:
     """A fresh train state, created already sharded: from init_from's parameters (which the objective may
-    extend, e.g. by a reward head) or from the objective's specs."""
+    extend, e.g. by a reward head) or from the objective's specs. With LoRA, init_params are the trained entries
+    init_from brings (a head) and the adapters come from `specs` (B = 0: the model starts at its base)."""
     key = jax.random.key(seed)
+    if specs is not None:
+        make = lambda p, k: init_train_state({**init_from_specs(specs, k), **p}, tx)  # noqa: E731
+        return jax.jit(make, out_shardings=state_sh)(init_params, key)
     if init_params is not None:
         make = lambda p, k: init_train_state(objective.extend_params(p, k), tx)  # noqa: E731
         return jax.jit(make, out_shardings=state_sh)(init_params, key)
@@ -114,12 +135,14 @@ def train(cfg: Config) -> dict:
 
     # 2) Optimizer, shardings, the objective's jitted steps.
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, state_sh = state_shardings(objective.specs, tx, mesh, rules)
+    specs = trained_specs(cfg, objective)
+    abstract, state_sh = state_shardings(specs, tx, mesh, rules)
     batch_sh = batch_shardings(mesh, rules, _peek(objective.train_batches), nproc)
+    settings = dict(objective.loss_settings, adapter_scale=lora.scale(cfg.lora) if cfg.lora.rank else 1.0)
     step_fn = jax.jit(functools.partial(objective.train_step, tx=tx, accum_steps=cfg.optim.grad_accum_steps,
-                                        **objective.loss_settings),
+                                        **settings),
                       in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(objective.eval_step, **objective.loss_settings),
+    eval_fn = jax.jit(functools.partial(objective.eval_step, **settings),
                       in_shardings=(state_sh["params"], batch_sh, None))
 
     # 3) State: restore the newest intact checkpoint, or create it already sharded.
@@ -130,21 +153,35 @@ def train(cfg: Config) -> dict:
         except BaseException:
             ckpt.close()
             raise
+        if cfg.lora.rank:
+            # The base is init_from's, on resume too: checkpoints hold only what trains.
+            heads, base = split_base(cfg, objective, load_init_params(setup), cfg.train.seed)
+            objective = dataclasses.replace(objective, frozen={**objective.frozen, "base": base})
+            logging.info("LoRA rank %d on %s: %s trained parameters; frozen base %.2f GB (%s%s)", cfg.lora.rank,
+                         ",".join(cfg.lora.targets), f"{lora.count(specs):,}", quantize.nbytes(base) / 1e9,
+                         cfg.lora.base_dtype, "" if cfg.lora.quantize_base == "none" else
+                         f", projections {cfg.lora.quantize_base}")
         if restored is not None:
             start, state = restored
+        elif cfg.lora.rank:
+            start = 0
+            state = create_state(objective, tx, state_sh, heads, cfg.train.seed, lora.lora_specs(
+                param_specs(cfg.model), cfg.lora))
         else:
             start = 0
             state = create_state(objective, tx, state_sh, load_init_params(setup), cfg.train.seed)
         logging.info("%s", start_summary(cfg, abstract["params"], mesh, start))
-        return TrainLoop(cfg, objective, step_fn, eval_fn, batch_sh, ckpt, wandb).run(state, start)
+        return TrainLoop(cfg, objective, step_fn, eval_fn, batch_sh, ckpt, wandb,
+                         adapter_scale=settings["adapter_scale"]).run(state, start)
 
 
 class TrainLoop:
     """The loop of one run: steps, logging, evaluation, checkpoints. Objective-agnostic."""
 
     def __init__(self, cfg: Config, objective: Objective, step_fn, eval_fn, batch_sh, ckpt: RunCheckpointer,
-                 wandb=None):
+                 wandb=None, adapter_scale: float = 1.0):
         self.cfg, self.objective, self.step_fn, self.eval_fn = cfg, objective, step_fn, eval_fn
+        self.adapter_scale = adapter_scale
         self.batch_sh, self.frozen, self.ckpt = batch_sh, objective.frozen, ckpt
         main = jax.process_index() == 0
         run = open_wandb_run(wandb, cfg.log, cfg.workdir, config_lib.to_dict(cfg)) if wandb and main else None
@@ -166,7 +203,8 @@ class TrainLoop:
         out = self.objective.report(sums) if sums and sums["count"] > 0 else {}
         if self.objective.eval_hook is not None:
             put = functools.partial(global_batch, shardings=self.batch_sh)
-            out.update(self.objective.eval_hook(step, state["params"], put, self.cfg.workdir))
+            params = model_params(state["params"], self.frozen, self.adapter_scale)   # LoRA: base + adapters
+            out.update(self.objective.eval_hook(step, params, put, self.cfg.workdir))
         if out:
             logging.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in out.items()))
             self.writer.write(step, out)

@@ -273,13 +273,19 @@ def test_dpo_raises_the_chosen_over_rejected_margin(tmp_path, review_pairs, base
     assert result["eval/reward_margin"] > 0.05 and result["eval/accuracy"] > 0.6
 
 
-def test_sft_trains_on_answers_from_a_jaxllm_checkpoint(tmp_path, review_pairs, base_checkpoint):
+def sft_records(tmp_path, review_pairs):
+    """Alpaca records asking for a positive review, answered by the chosen reviews of the pairs."""
     pairs_file, _ = review_pairs
     records = tmp_path / "sft.jsonl"
     with open(records, "w") as f:
         for pair in load_pairs(pairs_file)[:300]:
             f.write(json.dumps({"instruction": "写一条正面的评论", "input": "", "output": pair["chosen"]},
                                ensure_ascii=False) + "\n")
+    return records
+
+
+def test_sft_trains_on_answers_from_a_jaxllm_checkpoint(tmp_path, review_pairs, base_checkpoint):
+    records = sft_records(tmp_path, review_pairs)
     cfg = run_cfg(tmp_path / "run", "sft", base_checkpoint, records, data=dict(template="alpaca_zh"),
                   train=dict(steps=40, eval_every=20))
     train(cfg)

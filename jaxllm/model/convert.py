@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxllm.config import ModelConfig, model_config_from_dict
+from jaxllm.config import LoraConfig, ModelConfig, model_config_from_dict
 from jaxllm.model.spec import is_spec, param_specs
 from jaxllm.tokenizer.hf_files import write_hf_tokenizer_files
 from jaxllm.tokenizer.tokenizer import load_tokenizer
@@ -365,6 +365,34 @@ def to_hf(params, cfg: ModelConfig, out_dir, tokenizer_path=None, max_shard_byte
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return out
+
+
+def to_peft(adapters: dict, cfg: ModelConfig, lora: LoraConfig, out_dir, base_model: str = "") -> Path:
+    """Writes a LoRA run's adapters as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+    that `peft.PeftModel.from_pretrained(<the HF base>, out_dir)` loads: per layer and target,
+    lora_A (rank, in) and lora_B (out, rank) of the module that to_hf names, in float32."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = adapters.get("layers", {})
+    tensors, modules = {}, []
+    for name in lora.targets:
+        block = "attn" if name in ("q", "k", "v", "o") else "mlp"
+        a = np.asarray(jax.device_get(layers[block][f"{name}_lora_a"]), np.float32)   # (L, *in, rank)
+        b = np.asarray(jax.device_get(layers[block][f"{name}_lora_b"]), np.float32)   # (L, rank, *out)
+        template = _HF_NAMES[("layers", block, name)][0].removesuffix(".weight")
+        modules.append(template.rsplit(".", 1)[-1])
+        for i in range(a.shape[0]):
+            module = "base_model.model." + template.format(i=i)
+            tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, lora.rank).T)    # (rank, in)
+            tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(lora.rank, -1).T)    # (out, rank)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+              "lora_dropout": 0.0, "target_modules": sorted(modules), "bias": "none", "fan_in_fan_out": False,
+              "modules_to_save": None, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+              "inference_mode": True, "base_model_name_or_path": base_model,
+              "revision": None}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Stateless layers of a Llama-style decoder: RMSNorm, rotary and ALiBi positions, the SwiGLU MLP."""
+"""Stateless layers of a Llama-style decoder: RMSNorm, rotary and ALiBi positions (the SwiGLU MLP, which reads
+adapted projections, lives in transformer.py)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxllm.sharding import constrain
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -75,12 +75,3 @@ def alibi_bias(q_positions: jax.Array, k_positions: jax.Array, num_heads: int) -
     biases as it would alone (cross-document pairs are masked anyway)."""
     distance = q_positions[:, :, None] - k_positions[:, None, :]          # (batch, q_length, k_length)
     return -alibi_slopes(num_heads)[None, :, None, None] * distance[:, None].astype(jnp.float32)
-
-
-def swiglu_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """down(silu(x·gate) * (x·up)). x: (batch, length, embed); gate/up: (embed, mlp); down: (mlp, embed)."""
-    dtype = x.dtype
-    g = jnp.einsum("bld,df->blf", x, gate.astype(dtype))     # (batch, length, mlp)
-    u = jnp.einsum("bld,df->blf", x, up.astype(dtype))       # (batch, length, mlp)
-    h = constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
-    return jnp.einsum("blf,fd->bld", h, down.astype(dtype))  # (batch, length, embed)

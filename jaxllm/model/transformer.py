@@ -24,7 +24,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.attention import attention
-from jaxllm.model.layers import apply_rope, rms_norm, rope_frequencies, swiglu_mlp
+from jaxllm.model.layers import apply_rope, rms_norm, rope_frequencies
+from jaxllm.model.lora import project
+from jaxllm.model.quantize import as_compute
 from jaxllm.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -32,6 +34,20 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }
+
+
+def _weight(dtype):
+    """Reads a base weight at compute dtype (dequantized when a LoRA run's base is quantized)."""
+    return lambda w: as_compute(w, dtype)
+
+
+def swiglu_mlp(x: jax.Array, p: dict) -> jax.Array:
+    """down(silu(x·gate) * (x·up)). x: (batch, length, embed); gate/up: (embed, mlp); down: (mlp, embed); each
+    with its LoRA adapter when p carries one."""
+    g = project(x, p, "gate", "bld,df->blf", _weight(x.dtype))    # (batch, length, mlp)
+    u = project(x, p, "up", "bld,df->blf", _weight(x.dtype))      # (batch, length, mlp)
+    h = constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
+    return project(h, p, "down", "blf,fd->bld", _weight(x.dtype))  # (batch, length, embed)
 
 
 def attention_block(x, p, segment_ids, positions, cfg: ModelConfig, cache=None, write_at=None):
@@ -42,9 +58,9 @@ def attention_block(x, p, segment_ids, positions, cfg: ModelConfig, cache=None, 
     positions already include x's tokens. A prompt (several tokens, the first write into an empty cache)
     attends to itself with the configured kernel; one new token attends over the whole cache."""
     dtype = x.dtype
-    q = jnp.einsum("bld,dhk->blhk", x, p["q"].astype(dtype))     # (batch, length, heads, head_dim)
-    k = jnp.einsum("bld,dhk->blhk", x, p["k"].astype(dtype))     # (batch, length, kv_heads, head_dim)
-    v = jnp.einsum("bld,dhk->blhk", x, p["v"].astype(dtype))     # (batch, length, kv_heads, head_dim)
+    q = project(x, p, "q", "bld,dhk->blhk", _weight(dtype))     # (batch, length, heads, head_dim)
+    k = project(x, p, "k", "bld,dhk->blhk", _weight(dtype))     # (batch, length, kv_heads, head_dim)
+    v = project(x, p, "v", "bld,dhk->blhk", _weight(dtype))     # (batch, length, kv_heads, head_dim)
     if cfg.qkv_bias:                                              # Qwen2: biases (heads, head_dim) on q, k, v
         q, k, v = (t + p[f"{n}_bias"].astype(dtype) for t, n in ((q, "q"), (k, "k"), (v, "v")))
     if cfg.qk_norm:                                               # Qwen3: RMSNorm over each head's head_dim
@@ -78,7 +94,7 @@ def attention_block(x, p, segment_ids, positions, cfg: ModelConfig, cache=None, 
         out = attention(q, keys, values, q_segment_ids=segment_ids, k_segment_ids=cache["segment_ids"],
                         q_positions=positions, k_positions=cache["positions"], impl="xla", alibi=alibi)
     out = checkpoint_name(out, "attn_out")      # (batch, length, heads, head_dim)
-    return jnp.einsum("blhk,hkd->bld", out, p["o"].astype(dtype)), cache
+    return project(out, p, "o", "blhk,hkd->bld", _weight(dtype)), cache
 
 
 def decoder_layer(x, layer, segment_ids, positions, cfg: ModelConfig, cache=None, write_at=None):
@@ -87,8 +103,7 @@ def decoder_layer(x, layer, segment_ids, positions, cfg: ModelConfig, cache=None
     attn, cache = attention_block(h, layer["attn"], segment_ids, positions, cfg, cache, write_at)
     x = x + attn
     h = rms_norm(x, layer["mlp_norm"]["scale"], cfg.norm_eps)
-    mlp = layer["mlp"]
-    x = x + swiglu_mlp(h, mlp["gate"], mlp["up"], mlp["down"])
+    x = x + swiglu_mlp(h, layer["mlp"])
     if cache is not None:
         # Zero the padding positions of a prompt: a kernel may return NaN for a query with no visible key, and
         # a NaN value times a zero attention weight would still poison the real rows of the next layer.

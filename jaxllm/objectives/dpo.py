@@ -19,6 +19,7 @@ from jaxllm.config import Config, ConfigError, ModelConfig, init_checkpoint
 from jaxllm.data.chat_pipeline import encoded_pairs_of_run, pair_batch, preference_pipelines
 from jaxllm.progress import ProgressLog
 from jaxllm.model.heads import pair_logprobs
+from jaxllm.model.quantize import frozen_base
 from jaxllm.model.spec import param_specs
 from jaxllm.objectives import Objective
 
@@ -57,7 +58,9 @@ def dpo_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, beta: float,
     if REFERENCE_LOGPROBS in batch:                                           # the batch's structure, not data
         reference = batch[REFERENCE_LOGPROBS]                                 # (batch, 2)
     else:
-        reference = jax.lax.stop_gradient(pair_logprobs(frozen["reference"], batch, model_cfg))
+        # With LoRA the reference is the frozen base itself, without adapters: no second copy of the weights.
+        ref_params = frozen["reference"] if "reference" in frozen else frozen["base"]
+        reference = jax.lax.stop_gradient(pair_logprobs(ref_params, batch, model_cfg))
     sums = dpo(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], batch["weight"], beta, kind,
                label_smoothing)
     return sums["loss"], sums
@@ -97,9 +100,16 @@ def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: in
                           f"got {cfg.init_from!r}: DPO from random weights has no reference to stay near")
     train_pairs, eval_pairs = encoded_pairs_of_run(cfg, tokenizer)
     mesh = sharding.make_mesh(cfg.mesh)     # the run's mesh (the same devices in the same order as the trainer's)
-    reference, _, _ = load_params_on_mesh(cfg.init_from, mesh, cfg.mesh.rules)   # sharded like the policy
-    reference = {k: v for k, v in reference.items() if k != "reward_head"}
-    if cfg.dpo.reference == "cached":
+    if cfg.lora.rank and cfg.dpo.reference == "online":
+        reference = None                    # the trainer's frozen base is the reference (dpo_loss)
+    else:
+        reference, _, _ = load_params_on_mesh(cfg.init_from, mesh, cfg.mesh.rules)   # sharded like the policy
+        reference = {k: v for k, v in reference.items() if k != "reward_head"}
+    if reference is not None and cfg.lora.rank:   # the base exactly as the LoRA run holds it (bf16, quantized)
+        reference = frozen_base(reference, cfg.lora.base_dtype, cfg.lora.quantize_base)
+    if reference is None:
+        frozen = {}
+    elif cfg.dpo.reference == "cached":
         for pairs in (train_pairs, eval_pairs):
             attach_reference_logprobs(pairs, reference, cfg.model, cfg.data.seq_len, batch_size,
                                       out_sharding=sharding.replicated(mesh))
