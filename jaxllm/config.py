@@ -154,6 +154,9 @@ class OptimConfig:
     decay_embeddings: bool = False  # apply weight decay to the embedding / output head too
     clip_norm: float = 1.0          # global gradient-norm clip; 0 disables
     grad_accum_steps: int = 1       # micro-batches per optimizer step (batch is split inside the step)
+    # Adam's first moment in bfloat16 halves it (2 of the 8 bytes of moments per parameter); the second moment
+    # stays float32: its (1-b2)·g² increments fall below bfloat16's 8-bit mantissa and it would stop growing.
+    mu_dtype: str = "float32"       # "float32" | "bfloat16"
     trainable: str = "all"          # "all" | "new_rows": only embedding/head rows >= new_rows_from (rest frozen)
     new_rows_from: int = 0          # first trainable row for "new_rows"; 0 = the init_from checkpoint's vocab size
 
@@ -166,6 +169,8 @@ class OptimConfig:
         _check(self.trainable in ("all", "new_rows"), f"{where}.trainable must be 'all' or 'new_rows', "
                f"got {self.trainable!r}")
         _check(self.new_rows_from >= 0, f"{where}.new_rows_from must be >= 0")
+        _check(self.mu_dtype in ("float32", "bfloat16"), f"{where}.mu_dtype must be float32 or bfloat16, "
+               f"got {self.mu_dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)

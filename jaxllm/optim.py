@@ -49,11 +49,28 @@ def weight_decay_mask(params, decay_embeddings: bool):
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     schedule = lr_schedule(cfg, total_steps)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=lambda p: weight_decay_mask(p, cfg.decay_embeddings))
+                        mask=lambda p: weight_decay_mask(p, cfg.decay_embeddings), mu_dtype=jnp.dtype(cfg.mu_dtype))
+    adamw = in_float32(adamw)
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
     if cfg.trainable == "new_rows":
         return new_rows_only(tx, cfg.new_rows_from)
     return tx
+
+
+def in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """tx computed in float32 whatever the parameters' dtype: with bfloat16 parameters its state (Adam's second
+    moment; the first follows optim.mu_dtype) stays float32 and the update is rounded to bfloat16 only when
+    applied (optax.apply_updates casts to the parameter's dtype). A no-op for float32 parameters."""
+    def up(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return tx.init(up(params))
+
+    def update(updates, state, params=None):
+        return tx.update(up(updates), state, None if params is None else up(params))
+
+    return optax.GradientTransformation(init, update)
 
 
 def _zero_old_rows(first_row: int) -> optax.GradientTransformation:

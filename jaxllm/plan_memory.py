@@ -117,12 +117,60 @@ def attention_kernel(model, seq_len: int, chip: str | None) -> str:
                          block=model.attention_block)[0]
 
 
+def trained_specs(cfg: Config, model) -> dict:
+    """What the step differentiates: the whole decoder, or with LoRA its adapters."""
+    from jaxllm.model import lora
+    from jaxllm.model.spec import param_specs
+    specs = param_specs(model)
+    return lora.trained_specs(specs, specs, cfg.lora) if cfg.lora.rank else specs
+
+
+def abstract_frozen(cfg: Config, model) -> dict:
+    """Abstract shapes of what the step reads but never trains: a LoRA run's base (cast, quantized), DPO's online
+    reference without LoRA (a copy of the parameters), or nothing."""
+    from jaxllm.model.quantize import frozen_base
+    from jaxllm.model.spec import abstract_params
+    if cfg.lora.rank:
+        return {"base": jax.eval_shape(lambda p: frozen_base(p, cfg.lora.base_dtype, cfg.lora.quantize_base),
+                                       abstract_params(model))}
+    if cfg.objective == "dpo" and cfg.dpo.reference == "online":
+        return {"reference": abstract_params(model)}
+    return {}
+
+
+def frozen_shardings(cfg: Config, model, mesh, frozen: dict) -> dict:
+    """Shardings of abstract_frozen: laid out like the parameters; a quantized weight's values like the weight,
+    its scales replicated (they are 1/64 of it or less)."""
+    import qwix
+
+    from jaxllm import sharding
+    from jaxllm.model.spec import abstract_params, logical_axes
+    params_sh = sharding.tree_shardings(mesh, cfg.mesh.rules, logical_axes(model), abstract_params(model))
+
+    def one(leaf, sh):
+        if isinstance(leaf, qwix.QArray):
+            return dataclasses.replace(leaf, qvalue=sh, scale=sharding.replicated(mesh))
+        return sh
+    is_q = lambda x: isinstance(x, qwix.QArray)  # noqa: E731
+    return {k: jax.tree.map(one, tree, params_sh, is_leaf=is_q) for k, tree in frozen.items()}
+
+
+def frozen_bytes(cfg: Config, model, mesh) -> int:
+    frozen = abstract_frozen(cfg, model)
+    shardings = frozen_shardings(cfg, model, mesh, frozen)
+    total = 0
+    for a, sh in zip(jax.tree.leaves(frozen), jax.tree.leaves(shardings)):
+        bits = 4 if a.dtype == jnp.uint4 else 8 * jnp.dtype(a.dtype).itemsize
+        total += math.prod(sh.shard_shape(a.shape)) * bits // 8
+    return int(total)
+
+
 def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> dict:
     """Bytes per device of params, optimizer state, gradients, the batch and activations (estimate), for the
     LM train step of `cfg` on a mesh of cfg.mesh's sizes; nothing is allocated. chip: a name of CHIPS."""
     from jax.sharding import AbstractMesh
 
-    from jaxllm.model.spec import count_params, param_specs
+    from jaxllm.model.spec import count_params
     from jaxllm.optim import make_optimizer
     from jaxllm.steps import state_shardings
 
@@ -133,53 +181,65 @@ def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> di
     sizes = mesh_sizes(cfg.mesh, devices)
     mesh = AbstractMesh(tuple(sizes.values()), MESH_AXES)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, shardings = state_shardings(param_specs(model), tx, mesh, cfg.mesh.rules)
+    abstract, shardings = state_shardings(trained_specs(cfg, model), tx, mesh, cfg.mesh.rules)
     params = _bytes_per_device(abstract["params"], shardings["params"])
     accum = cfg.optim.grad_accum_steps
     batch, seq_len = cfg.train.batch_size, cfg.data.seq_len
     batch_shards = sizes["data"] * sizes["fsdp"] if batch % (sizes["data"] * sizes["fsdp"]) == 0 else 1
-    tokens_per_device = batch // accum * seq_len / batch_shards
+    # reward and DPO rows are (chosen, rejected) pairs: two sequences each
+    sequences = 2 if cfg.objective in ("reward", "dpo") else 1
+    tokens_per_device = batch // accum * sequences * seq_len / batch_shards
     attention = attention_kernel(model, seq_len, chip)
     out = {
         "model": model, "vocab_source": vocab_source, "parameters": count_params(model), "mesh": sizes,
-        "devices": math.prod(sizes.values()),
+        "devices": math.prod(sizes.values()), "objective": cfg.objective, "lora": cfg.lora,
         "tokens_per_device": tokens_per_device, "attention": attention,
         "params": params,
+        # what the step reads but never trains: a LoRA run's base, or DPO's online reference (a second copy)
+        "frozen": frozen_bytes(cfg, model, mesh),
         # the optimizer's moments and counters, and the train state's step counter
         "opt_state": (_bytes_per_device(abstract["opt_state"], shardings["opt_state"])
                       + _bytes_per_device(abstract["step"], shardings["step"])),
         # the step's gradients are shaped and sharded like the parameters; with accumulation a running sum too
         "grads": params * (2 if accum > 1 else 1),
-        "batch": int(5 * 4 * batch * seq_len / batch_shards),   # tokens, targets, segments, positions, mask
+        "batch": int(5 * 4 * batch * sequences * seq_len / batch_shards),   # tokens, targets, segments, ...
         "activations": activation_bytes(model, tokens_per_device=tokens_per_device, seq_len=seq_len,
                                          tensor=sizes["tensor"], attention=attention),
     }
-    out["total"] = sum(out[k] for k in ("params", "opt_state", "grads", "batch", "activations"))
+    out["total"] = sum(out[k] for k in ("params", "frozen", "opt_state", "grads", "batch", "activations"))
     return out
 
 
 def _lowered_step(cfg: Config, model):
-    """The LM train step of `cfg` with `model`, lowered for this backend's devices from abstract shapes."""
+    """The train step of `cfg` with `model`, lowered for this backend's devices from abstract shapes: the LM
+    step over batch x sequences rows (a pair objective's rows, unpaired), with a LoRA run's adapters and frozen
+    base or DPO's online reference as they would be passed."""
     from jaxllm import sharding
-    from jaxllm.model.spec import param_specs
+    from jaxllm.model.lora import scale
     from jaxllm.objectives import lm
     from jaxllm.optim import make_optimizer
     from jaxllm.steps import state_shardings
 
     mesh = sharding.make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, state_sh = state_shardings(param_specs(model), tx, mesh, cfg.mesh.rules)
-    shape = (cfg.train.batch_size, cfg.data.seq_len)
+    abstract, state_sh = state_shardings(trained_specs(cfg, model), tx, mesh, cfg.mesh.rules)
+    sequences = 2 if cfg.objective in ("reward", "dpo") else 1
+    shape = (cfg.train.batch_size * sequences, cfg.data.seq_len)
     batch_sh = sharding.named_sharding(mesh, cfg.mesh.rules, ("batch", None), shape)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sh)
              for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    frozen = abstract_frozen(cfg, model)
+    frozen_sh = frozen_shardings(cfg, model, mesh, frozen)
+    frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen, frozen_sh)
+    if "reference" in frozen:   # the LM loss does not read it; pass it so that it is counted as an argument
+        frozen = {"unused_reference": frozen.pop("reference")}
     step = jax.jit(functools.partial(lm.train_step, tx=tx, accum_steps=cfg.optim.grad_accum_steps, model_cfg=model,
-                                     z_loss=cfg.train.z_loss),
-                   in_shardings=(state_sh, {k: batch_sh for k in batch}, None), out_shardings=(state_sh, None),
-                   donate_argnums=(0,))
+                                     z_loss=cfg.train.z_loss, adapter_scale=scale(cfg.lora) if cfg.lora.rank else 1.0),
+                   in_shardings=(state_sh, {k: batch_sh for k in batch}, frozen_sh if "base" in frozen else None),
+                   out_shardings=(state_sh, None), donate_argnums=(0,))
     with sharding.use_rules(mesh, cfg.mesh.rules):
-        return step.lower(state, batch, {})
+        return step.lower(state, batch, frozen)
 
 
 def compiled_memory(cfg: Config) -> dict:
@@ -242,6 +302,13 @@ def _size(n: float) -> str:
     return f"{n:8.0f} B"
 
 
+def _frozen_note(p: dict) -> str:
+    if p["lora"].rank:
+        q = p["lora"].quantize_base
+        return f" (base in {p['lora'].base_dtype}" + (f", projections {q})" if q != "none" else ")")
+    return " (DPO's online reference)" if p["frozen"] else ""
+
+
 def format_plan(p: dict, chip: str | None = None, compiled: dict | None = None, flops: dict | None = None) -> str:
     m, sizes = p["model"], p["mesh"]
     lines = [
@@ -251,7 +318,8 @@ def format_plan(p: dict, chip: str | None = None, compiled: dict | None = None, 
         f"mesh: data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} ({p['devices']} devices); "
         f"{p['tokens_per_device']:.0f} tokens per device per micro-batch",
         "per device:",
-        f"  parameters        {_size(p['params'])}",
+        f"  parameters        {_size(p['params'])}" + (" (trained: LoRA adapters)" if p["lora"].rank else ""),
+        f"  frozen            {_size(p['frozen'])}" + _frozen_note(p),
         f"  optimizer state   {_size(p['opt_state'])}",
         f"  gradients         {_size(p['grads'])}",
         f"  batch             {_size(p['batch'])}",

@@ -116,7 +116,9 @@ def create_state(objective: Objective, tx, state_sh, init_params: dict | None, s
         make = lambda p, k: init_train_state({**init_from_specs(specs, k), **p}, tx)  # noqa: E731
         return jax.jit(make, out_shardings=state_sh)(init_params, key)
     if init_params is not None:
-        make = lambda p, k: init_train_state(objective.extend_params(p, k), tx)  # noqa: E731
+        # init_from's weights in the run's model.param_dtype (bfloat16 parameters: half the memory of float32)
+        cast = lambda p: jax.tree.map(lambda x, s: x.astype(s.dtype), p, objective.specs)  # noqa: E731
+        make = lambda p, k: init_train_state(cast(objective.extend_params(p, k)), tx)  # noqa: E731
         return jax.jit(make, out_shardings=state_sh)(init_params, key)
     make = lambda k: init_train_state(init_from_specs(objective.specs, k), tx)  # noqa: E731
     return jax.jit(make, out_shardings=state_sh)(key)

@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxllm.checkpoint import export_hf, load_adapters, load_params
@@ -152,3 +153,17 @@ def test_qlora_reward_model_matches_the_bf16_lora_run(tmp_path, review_pairs, ba
         accuracy[kind] = train(cfg)["eval/accuracy"]
     assert accuracy["none"] > 0.7
     assert accuracy["nf4"] > accuracy["none"] - 0.05, accuracy      # QLoRA within a few points
+
+
+def test_full_finetuning_in_bfloat16_parameters_and_first_moment(tmp_path, review_pairs, base_checkpoint):
+    records = sft_records(tmp_path, review_pairs)
+    cfg = run_cfg(tmp_path / "run", "sft", base_checkpoint, records, data=dict(template="alpaca_zh"),
+                  train=dict(steps=20, eval_every=20))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="bfloat16"),
+                              optim=dataclasses.replace(cfg.optim, mu_dtype="bfloat16"))
+    state = train(cfg)["state"]
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.bfloat16)}   # init_from cast
+    mu, nu = (optax.tree.get(state["opt_state"], name) for name in ("mu", "nu"))
+    assert mu["layers"]["attn"]["q"].dtype == jnp.bfloat16 and nu["layers"]["attn"]["q"].dtype == jnp.float32
+    evals = [r["eval/loss"] for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "eval/loss" in r]
+    assert evals[-1] < evals[0] - 0.5

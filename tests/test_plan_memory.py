@@ -39,3 +39,36 @@ def test_xla_flops_match_the_palm_formula_and_remat_shows_its_recompute():
 def test_the_plan_counts_the_kernel_that_would_run(chip, dtype, head_dim, expected):
     model = dataclasses.replace(_cfg().model, compute_dtype=dtype, head_dim=head_dim)
     assert plan_memory.attention_kernel(model, 2048, chip) == expected
+
+
+def test_lora_and_qlora_plans_count_adapters_and_the_frozen_base_by_hand():
+    base = ["--config=sft:model=llama2-7b", "--config.workdir=unused", "--config.init_from=x",
+            "--config.model.vocab_size=32000"]
+    full = plan_memory.plan(load_config(base), devices=1)
+    L, D, H, K, Dh, F, V = 32, 4096, 32, 32, 128, 11008, 32000
+    r = 16
+    # per layer, A (in, r) and B (r, out) of q, k, v, o, gate, up, down
+    adapters = L * r * ((D + H * Dh) + 2 * (D + K * Dh) + (H * Dh + D) + 2 * (D + F) + (F + D))
+    projections = L * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F)
+    others = full["parameters"] - projections            # embedding, head, norms: never quantized
+    lora = plan_memory.plan(load_config(base + [f"--config.lora.rank={r}"]), devices=1)
+    assert lora["params"] == 4 * adapters and lora["grads"] == 4 * adapters      # fp32 adapters
+    assert lora["frozen"] == 2 * full["parameters"]                               # the base in bf16
+    assert lora["opt_state"] == pytest.approx(2 * 4 * adapters, abs=64)            # Adam's two moments, fp32
+    qlora = plan_memory.plan(load_config(base + [f"--config.lora.rank={r}", "--config.lora.quantize_base=nf4"]),
+                             devices=1)
+    # 4 bits per projection weight, one fp32 scale per 64 of them, the rest in bf16
+    assert qlora["frozen"] == pytest.approx(projections / 2 + 4 * projections / 64 + 2 * others, rel=1e-6)
+    assert full["frozen"] == 0 and full["params"] == 4 * full["parameters"]
+    # DPO with an online reference and no LoRA holds a second copy; with LoRA the base is the reference
+    dpo = load_config(["--config=dpo:model=llama2-7b", "--config.workdir=unused", "--config.init_from=x",
+                       "--config.model.vocab_size=32000", "--config.dpo.reference=online"])
+    assert plan_memory.plan(dpo, devices=1)["frozen"] == 4 * full["parameters"]
+
+
+def test_compiled_qlora_step_reads_the_quantized_base_as_an_argument():
+    cfg = _cfg("--config.init_from=x", "--config.lora.rank=8", "--config.lora.quantize_base=int8",
+               "--config.model.d_model=128", "--config.model.mlp_dim=256")
+    p = plan_memory.plan(cfg, devices=1)
+    compiled = plan_memory.compiled_memory(cfg)
+    assert compiled["argument"] >= p["frozen"] + p["params"]
