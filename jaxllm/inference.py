@@ -12,11 +12,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from jaxllm import checkpoint, hub
-from jaxllm.config import ModelConfig
+from jaxllm import checkpoint, hub, sharding
+from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.data.templates import ChatTemplate, model_template
 from jaxllm.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
@@ -29,16 +28,27 @@ class InferenceModel:
     template: ChatTemplate | None   # the chat template the model was trained with (or its own); None: none
 
 
+def inference_mesh(fsdp: int = 1, tensor: int = 1) -> Mesh:
+    """The mesh of an eval / generate / serve / score command: the training mesh's fields, the data axis taking
+    the devices left over (so one device is a trivial mesh and 8 GPUs split a batch 8 ways by default)."""
+    return sharding.make_mesh(MeshConfig(data=-1, fsdp=fsdp, tensor=tensor))
+
+
 def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: Mesh | None = None,
                        compute_dtype: str | None = None, attention_impl: str | None = None) -> InferenceModel:
     """Loads `path` (see the module docstring) for generation, scoring or serving.
 
     tokenizer: a SentencePiece model replacing the checkpoint's own (required when it carries none).
-    mesh: params are replicated over it; None leaves them on the default device.
+    mesh: params are loaded sharded over it as training lays them out (MeshConfig's rules: embed over fsdp,
+    heads / mlp / vocab over tensor), each process reading what its devices hold; run the model under
+    `sharding.use_rules(mesh, MeshConfig().rules)`. None leaves them on the default device.
     compute_dtype, attention_impl: override the checkpoint's model config (e.g. "bfloat16", "xla")."""
     path = hub.resolve_model_path(path)
     description = checkpoint.describe_checkpoint(path)
-    params, cfg, saved_tokenizer = checkpoint.load_params(path)
+    if mesh is not None:
+        params, cfg, saved_tokenizer = checkpoint.load_params_on_mesh(path, mesh, MeshConfig().rules)
+    else:
+        params, cfg, saved_tokenizer = checkpoint.load_params(path)
     if not (tokenizer or saved_tokenizer):
         raise ValueError(f"{path} carries no tokenizer; pass one (--tokenizer)")
     overrides = {k: v for k, v in (("compute_dtype", compute_dtype), ("attention_impl", attention_impl))
@@ -46,8 +56,6 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: Mesh | 
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
         cfg.validate()
-    if mesh is not None:
-        params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     where = next(description[k] for k in ("step_dir", "params_dir", "hf_dir") if k in description)
     template = model_template(Path(where).parent if description["kind"] == "params" else where)
     return InferenceModel(params, cfg, load_tokenizer(tokenizer or saved_tokenizer), template)

@@ -12,12 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
 from jaxllm.checkpoint import RunCheckpointer, save_params  # noqa: E402
 from jaxllm.config import Config, DataConfig  # noqa: E402
-from jaxllm.inference import load_for_inference  # noqa: E402
+from jaxllm.inference import inference_mesh, load_for_inference  # noqa: E402
 from jaxllm.model.convert import from_hf  # noqa: E402
 from jaxllm.model.transformer import forward  # noqa: E402
 from jaxllm.tokenizer import Tokenizer  # noqa: E402
@@ -86,8 +85,7 @@ def test_tokenizer_override_mesh_and_missing_tokenizer(checkpoints, tokenizer_pa
     (bare / "tokenizer.model").unlink()
     with pytest.raises(ValueError, match="bare carries no tokenizer"):
         load_for_inference(str(bare))
-    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    mesh = inference_mesh()          # the training mesh's axes over this process's one device
     model = load_for_inference(str(bare), tokenizer=tokenizer_path, mesh=mesh)
     assert model.tokenizer.vocab_size == VOCAB
-    replicated = NamedSharding(mesh, PartitionSpec())
-    assert all(leaf.sharding == replicated for leaf in jax.tree.leaves(model.params))
+    assert all(leaf.sharding.mesh == mesh for leaf in jax.tree.leaves(model.params))   # laid out on it

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -27,14 +28,32 @@ def _add_model_flags(p) -> None:
     p.add_argument("--checkpoint", required=True, help="run workdir, step dir, converted or Hugging Face dir")
     p.add_argument("--tokenizer", default=None, help="SentencePiece .model or tokenizer.json (default: the "
                    "checkpoint's)")
-    add_attention_flag(p)
+    add_inference_flags(p)
 
 
-def add_attention_flag(p) -> None:
+def add_inference_flags(p) -> None:
+    """--attention and the mesh of a command that runs a model: eval, generate, serve."""
     from jaxllm.config import ATTENTION_IMPLS
     p.add_argument("--attention", default=None, choices=ATTENTION_IMPLS,
                    help="attention kernel (default: the checkpoint's model.attention_impl); auto takes the fastest "
                         "one that can run each call, xla always runs")
+    p.add_argument("--fsdp", type=int, default=1, help="mesh.fsdp: parameters split over this many devices "
+                   "(a model larger than one device's memory); the data axis takes the devices left over")
+    p.add_argument("--tensor", type=int, default=1, help="mesh.tensor: heads, MLP and vocabulary split over this "
+                   "many devices")
+
+
+@contextlib.contextmanager
+def model_on_mesh(args, checkpoint: str | None = None, **kw):
+    """Loads --checkpoint sharded over the mesh of --fsdp / --tensor and runs the body under its rules."""
+    from jaxllm import sharding
+    from jaxllm.config import MeshConfig
+    from jaxllm.inference import inference_mesh, load_for_inference
+    mesh = inference_mesh(args.fsdp, args.tensor)
+    model = load_for_inference(checkpoint or args.checkpoint, tokenizer=getattr(args, "tokenizer", None), mesh=mesh,
+                               attention_impl=args.attention, **kw)
+    with sharding.use_rules(mesh, MeshConfig().rules):
+        yield model
 
 
 def main(argv: list[str]) -> int:
@@ -126,25 +145,24 @@ def main(argv: list[str]) -> int:
         for path in args.text:
             sources[Path(path).name if Path(path).name not in sources else path] = ppl.read_text(
                 path, args.jsonl_field, args.max_chars)
-    from jaxllm.inference import load_for_inference
-    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, attention_impl=args.attention)
-    if args.what == "ppl":
-        report = ppl.evaluate_perplexity(model.params, model.cfg, model.tokenizer, sources, window=args.window,
-                                         stride=args.stride, batch_size=args.batch_size)
-        print(ppl.format_table(report))
-        _write(report, args.out, args.checkpoint, "ppl")
-    else:
-        from jaxllm.eval import multiple_choice as mc
-        report = mc.evaluate_mcq(model.params, model.cfg, model.tokenizer, args.data, shots=args.shots,
-                                 split=args.split, style=args.style,
-                                 subjects=[s for s in args.subjects.split(",") if s] or None,
-                                 batch_size=args.batch_size, max_len=args.max_len, predict_only=args.predict_only)
-        if args.predict_only:
-            print(mc.format_submission_summary(report))
-            _write(report["submission"], args.out, args.checkpoint, "mcq_submission")
+    with model_on_mesh(args) as model:
+        if args.what == "ppl":
+            report = ppl.evaluate_perplexity(model.params, model.cfg, model.tokenizer, sources, window=args.window,
+                                             stride=args.stride, batch_size=args.batch_size)
+            print(ppl.format_table(report))
+            _write(report, args.out, args.checkpoint, "ppl")
         else:
-            print(mc.format_table(report))
-            _write(report, args.out, args.checkpoint, "mcq")
+            from jaxllm.eval import multiple_choice as mc
+            report = mc.evaluate_mcq(model.params, model.cfg, model.tokenizer, args.data, shots=args.shots,
+                                     split=args.split, style=args.style,
+                                     subjects=[s for s in args.subjects.split(",") if s] or None,
+                                     batch_size=args.batch_size, max_len=args.max_len, predict_only=args.predict_only)
+            if args.predict_only:
+                print(mc.format_submission_summary(report))
+                _write(report["submission"], args.out, args.checkpoint, "mcq_submission")
+            else:
+                print(mc.format_table(report))
+                _write(report, args.out, args.checkpoint, "mcq")
     return 0
 
 
@@ -163,21 +181,20 @@ def generate_main(argv: list[str]) -> int:
                         "built-in name, a .jinja file or a folder carrying one; default: the model's own; none: raw)")
     args = parser.parse_args(argv)
     from jaxllm.data.templates import chosen_template, encode_prompt, stop_markers
-    from jaxllm.inference import load_for_inference
     from jaxllm.model.generate import SamplingParams, generate
-    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, attention_impl=args.attention)
-    tok = model.tokenizer
-    template = chosen_template(args.template, model.template, "generate")
-    if template is not None:
-        prompts = [encode_prompt([{"role": "user", "content": p}], template, tok) for p in args.prompt]
-        stop_ids, stops = stop_markers(template, tok)
-    else:
-        prompts = [tok.encode(p, add_bos=tok.bos_id >= 0) for p in args.prompt]
-        stop_ids, stops = ((tok.eos_id,) if tok.eos_id >= 0 else ()), ()
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop) + stops,
-                              stop_ids=stop_ids)
-    for prompt, c in zip(args.prompt, generate(model.params, model.cfg, prompts, sampling, tokenizer=tok)):
-        print(f"--- {prompt!r} ({len(c.tokens)} tokens, {c.finish_reason})")
-        print(prompt + c.text if template is None else c.text)
+    with model_on_mesh(args) as model:
+        tok = model.tokenizer
+        template = chosen_template(args.template, model.template, "generate")
+        if template is not None:
+            prompts = [encode_prompt([{"role": "user", "content": p}], template, tok) for p in args.prompt]
+            stop_ids, stops = stop_markers(template, tok)
+        else:
+            prompts = [tok.encode(p, add_bos=tok.bos_id >= 0) for p in args.prompt]
+            stop_ids, stops = ((tok.eos_id,) if tok.eos_id >= 0 else ()), ()
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop) + stops,
+                                  stop_ids=stop_ids)
+        for prompt, c in zip(args.prompt, generate(model.params, model.cfg, prompts, sampling, tokenizer=tok)):
+            print(f"--- {prompt!r} ({len(c.tokens)} tokens, {c.finish_reason})")
+            print(prompt + c.text if template is None else c.text)
     return 0

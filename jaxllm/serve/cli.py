@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from jaxllm.cli import DefaultsHelpFormatter
-from jaxllm.eval.cli import add_attention_flag
+from jaxllm.eval.cli import add_inference_flags, model_on_mesh
 
 API_KEY_ENV = "JAXLLM_API_KEY"
 
@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model_name", default=None, help="the model id clients send (default: checkpoint dir name)")
     parser.add_argument("--template", default=None, help="chat template for /v1/chat/completions: a built-in name, a "
                         ".jinja file or a folder carrying one (default: the model's own, else chat)")
-    add_attention_flag(parser)
+    add_inference_flags(parser)
     parser.add_argument("--max_batch", type=int, default=8, help="most rows decoded together")
     parser.add_argument("--max_tokens", type=int, default=256, help="default completion length for chat")
     parser.add_argument("--api_key", default=None,
@@ -34,15 +34,14 @@ def main(argv: list[str]) -> int:
         logging.warning("serving on %s without an API key: anyone who can reach it can use it (--api_key or %s)",
                         args.host, API_KEY_ENV)
     from jaxllm.data.templates import chosen_template
-    from jaxllm.inference import load_for_inference
     from jaxllm.serve.server import Server
-    model = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, attention_impl=args.attention)
-    server = Server(model.params, model.cfg, model.tokenizer,
-                    model_name=args.model_name or Path(args.checkpoint).absolute().name,
-                    template=chosen_template(args.template, model.template, "serve", fallback="chat"),
-                    host=args.host, port=args.port,
-                    max_batch=args.max_batch, default_max_tokens=args.max_tokens, api_key=api_key)
-    auth = "a bearer API key required" if api_key else "no API key"
-    print(f"serving {server.app.model_name} at {server.url} ({auth})", flush=True)
-    server.serve_forever()
+    with model_on_mesh(args) as model:
+        server = Server(model.params, model.cfg, model.tokenizer,
+                        model_name=args.model_name or Path(args.checkpoint).absolute().name,
+                        template=chosen_template(args.template, model.template, "serve", fallback="chat"),
+                        host=args.host, port=args.port,
+                        max_batch=args.max_batch, default_max_tokens=args.max_tokens, api_key=api_key)
+        auth = "a bearer API key required" if api_key else "no API key"
+        print(f"serving {server.app.model_name} at {server.url} ({auth})", flush=True)
+        server.serve_forever()
     return 0
