@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import ModelConfig, OptimConfig
+from jaxllm.config import LoraConfig, ModelConfig, OptimConfig
 from jaxllm.metrics import device_peak_tflops, mfu
-from jaxllm.model.spec import count_params, flops_per_token, init_params
+from jaxllm.model import lora, quantize
+from jaxllm.model.spec import count_params, flops_per_token, init_from_specs, init_params, param_specs
 from jaxllm.optim import make_optimizer
 from jaxllm.objectives.lm import train_step as lm_train_step
 from jaxllm.steps import init_train_state
@@ -51,20 +52,28 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # CPU: the process's max RSS (KiB -> GB)
 
 
-def bench_jax(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, docs_per_row: int) -> dict:
+def bench_jax(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, docs_per_row: int,
+              lora_cfg: LoraConfig | None = None) -> dict:
+    """The jitted LM train step; with lora_cfg, adapters trained on a frozen base (the trainer's LoRA path)."""
     tx = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=10), 1000)
-    state = jax.jit(lambda k: init_train_state(init_params(cfg, k), tx))(jax.random.key(0))
+    params = init_params(cfg, jax.random.key(0))
+    frozen, scale = {}, 1.0
+    if lora_cfg is not None:
+        frozen = {"base": quantize.frozen_base(params, lora_cfg.base_dtype, lora_cfg.quantize_base)}
+        params = init_from_specs(lora.lora_specs(param_specs(cfg), lora_cfg), jax.random.key(1))
+        scale = lora.scale(lora_cfg)
+    state = jax.jit(lambda p: init_train_state(p, tx))(params)
     data = {k: jnp.asarray(v) for k, v in synthetic_batch(batch, seq_len, cfg.vocab_size, docs_per_row).items()}
-    step = jax.jit(functools.partial(lm_train_step, model_cfg=cfg, tx=tx), donate_argnums=(0,))
+    step = jax.jit(functools.partial(lm_train_step, model_cfg=cfg, tx=tx, adapter_scale=scale), donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = step.lower(state, data).compile()
+    compiled = step.lower(state, data, frozen).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
-        state, m = compiled(state, data)
+        state, m = compiled(state, data, frozen)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, m = compiled(state, data)
+        state, m = compiled(state, data, frozen)
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - t0) / steps
     return {"compile_s": compile_s, "step_s": step_s, "loss": float(m["loss"]), "peak_gb": peak_memory_gb()}
@@ -119,6 +128,7 @@ def main() -> None:
     p.add_argument("--remat", default=None, help="remat policy (default: none on CPU, dots elsewhere)")
     p.add_argument("--compute_dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
     p.add_argument("--peer", action="store_true", help="also run transformers + PyTorch (eager and compiled)")
+    p.add_argument("--lora_rank", type=int, default=0, help="also time LoRA and QLoRA (nf4) of this rank")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak; 0 = from the device kind")
     p.add_argument("--json", default="", help="write the results here too")
     args = p.parse_args()
@@ -132,6 +142,11 @@ def main() -> None:
     fpt = flops_per_token(cfg, args.seq_len)
     tokens = args.batch * args.seq_len
     rows = {"jaxllm": bench_jax(cfg, args.batch, args.seq_len, args.steps, args.warmup, args.docs_per_row)}
+    if args.lora_rank:   # the same model fine-tuned with adapters, in the same run
+        for name, quant in (("LoRA", "none"), ("QLoRA nf4", "nf4")):
+            rows[f"jaxllm {name} r{args.lora_rank}"] = bench_jax(
+                cfg, args.batch, args.seq_len, args.steps, args.warmup, args.docs_per_row,
+                LoraConfig(rank=args.lora_rank, quantize_base=quant))
     if args.peer:
         rows["hf-torch eager"] = bench_torch(cfg, args.batch, args.seq_len, args.steps, args.warmup, False)
         rows["hf-torch compile"] = bench_torch(cfg, args.batch, args.seq_len, args.steps, args.warmup, True)
@@ -139,11 +154,11 @@ def main() -> None:
     print(f"\n{args.preset} ({count_params(cfg) / 1e6:.1f}M params), seq {args.seq_len}, batch {args.batch}, "
           f"{args.docs_per_row} docs/row, {cfg.compute_dtype}, remat={cfg.remat}, attention={cfg.attention_impl}, "
           f"on {device} (peak {peak or 'unknown'} TFLOP/s)")
-    print(f"{'trainer':<18} {'tokens/s':>10} {'step ms':>9} {'MFU':>7} {'compile s':>10} {'peak GB':>8} {'loss':>8}")
+    print(f"{'trainer':<22} {'tokens/s':>10} {'step ms':>9} {'MFU':>7} {'compile s':>10} {'peak GB':>8} {'loss':>8}")
     for name, r in rows.items():
         r["tokens_per_s"] = tokens / r["step_s"]
         r["mfu"] = mfu(r["tokens_per_s"], fpt, 1, peak)
-        print(f"{name:<18} {r['tokens_per_s']:>10.0f} {1e3 * r['step_s']:>9.1f} {100 * r['mfu']:>6.1f}% "
+        print(f"{name:<22} {r['tokens_per_s']:>10.0f} {1e3 * r['step_s']:>9.1f} {100 * r['mfu']:>6.1f}% "
               f"{r['compile_s']:>10.1f} {r['peak_gb']:>8.2f} {r['loss']:>8.3f}")
     for peer in ("hf-torch eager", "hf-torch compile"):
         if peer in rows:

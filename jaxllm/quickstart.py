@@ -6,7 +6,8 @@ tiny model, each stage starting from the previous one's checkpoint.
 2) sft: "判断下面评论的情感倾向" -> 正面/负面 on the reviews; held-out accuracy of the answered label.
 3) reward: prompt "下面是一条正面的评论：", chosen a positive review, rejected a negative one; held-out
    accuracy and the reward-gap plots.
-4) dpo: the same pairs from the SFT model; implicit-reward accuracy and margin.
+4) dpo: the same pairs from the SFT model, with LoRA adapters (the frozen SFT model is also the reference);
+   implicit-reward accuracy and margin.
 After pretraining and SFT: sliding-window perplexity and bits per character, a 2-shot multiple-choice
 accuracy on held-out reviews (C-Eval prompt form), and sampled continuations.
 """
@@ -24,7 +25,8 @@ import jax
 import numpy as np
 
 from jaxllm.checkpoint import load_params
-from jaxllm.config import (Config, DataConfig, DPOConfig, ModelConfig, OptimConfig, RewardConfig, TrainConfig)
+from jaxllm.config import (Config, DataConfig, DPOConfig, LoraConfig, ModelConfig, OptimConfig, RewardConfig,
+                           TrainConfig)
 from jaxllm.data import load_documents, split_heldout
 from jaxllm.data.chat_pipeline import encode_pairs, pair_batch
 from jaxllm.data.formats import load_sft
@@ -173,17 +175,28 @@ def run_quickstart(workdir: str, steps: int = 300, vocab_size: int = 8000, post_
         result = train(rm_cfg)
         report["reward"] = {k: result[f"eval/{k}"] for k in ("accuracy", "gap_mean", "gap_var")}
         report["reward"]["plots"] = str(root / "reward" / "plots" / "reward_gap_curve.png")
-    if "dpo" in stages:   # 4) DPO
+    if "dpo" in stages:   # 4) DPO with LoRA: adapters on the frozen SFT model, which is also the reference
         dpo_cfg = _post_config("dpo", root / "dpo", base, pairs_file, max(post_steps // 2, 1),
-                               dpo=DPOConfig(beta=0.1), optim=OptimConfig(lr=5e-4, warmup_steps=5, weight_decay=0.0))
+                               dpo=DPOConfig(beta=0.1), lora=LoraConfig(rank=16, alpha=32.0),
+                               optim=OptimConfig(lr=2e-3, warmup_steps=5, weight_decay=0.0))
         result = train(dpo_cfg)
         report["dpo"] = {k: result[f"eval/{k}"] for k in ("accuracy", "reward_margin", "loss")}
+        trained = sum(x.size for x in jax.tree.leaves(result["state"]["params"]))
+        report["dpo"]["lora"] = {"rank": 16, "trained_parameters": int(trained),
+                                 "trained_share": trained / report_parameters(base)}
     report["seconds"] = time.time() - t0
     out = root / "eval" / "quickstart.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     print(_summary(report, root, out))
     return report
+
+
+def report_parameters(checkpoint: Path) -> int:
+    """Parameters of the model a checkpoint holds."""
+    from jaxllm.checkpoint import describe_checkpoint
+    from jaxllm.model.spec import count_params
+    return count_params(describe_checkpoint(str(checkpoint))["model_cfg"])
 
 
 def _summary(report: dict, root: Path, out: Path) -> str:
@@ -210,6 +223,8 @@ def _summary(report: dict, root: Path, out: Path) -> str:
                      f"var {r['gap_var']:.3f}; plots {r['plots']}")
     if "dpo" in report:
         d = report["dpo"]
-        lines.append(f"  dpo       implicit-reward accuracy {d['accuracy']:.3f}, margin {d['reward_margin']:.4f}")
+        lines.append(f"  dpo       implicit-reward accuracy {d['accuracy']:.3f}, margin {d['reward_margin']:.4f} "
+                     f"(LoRA rank {d['lora']['rank']}: {d['lora']['trained_parameters']:,} trained parameters, "
+                     f"{100 * d['lora']['trained_share']:.1f}% of the model)")
     lines += [f"  report    {out}  ({report['seconds']:.0f} s)", ""]
     return "\n".join(lines)
