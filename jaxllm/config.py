@@ -261,6 +261,9 @@ class LoraConfig:
     targets: tuple = LORA_TARGETS   # which projections get adapters
     base_dtype: str = "bfloat16"    # storage of the frozen base: "bfloat16" | "float32"
     quantize_base: str = "none"     # "none" | "int8" (per output channel) | "nf4" (QLoRA, blocks of 64); qwix
+    # Also train the whole embedding and output head beside the adapters (PEFT's modules_to_save): the
+    # Chinese-LLaMA recipe after a vocabulary expansion, whose new rows must learn.
+    train_embeddings: bool = False
 
     def validate(self, where: str = "lora") -> None:
         _check(self.rank >= 0, f"{where}.rank must be >= 0")

@@ -131,8 +131,9 @@ def abstract_frozen(cfg: Config, model) -> dict:
     from jaxllm.model.quantize import frozen_base
     from jaxllm.model.spec import abstract_params
     if cfg.lora.rank:
-        return {"base": jax.eval_shape(lambda p: frozen_base(p, cfg.lora.base_dtype, cfg.lora.quantize_base),
-                                       abstract_params(model))}
+        from jaxllm.model.lora import split, trained_entries
+        base = split(abstract_params(model), trained_entries(cfg.lora))[1]
+        return {"base": jax.eval_shape(lambda p: frozen_base(p, cfg.lora.base_dtype, cfg.lora.quantize_base), base)}
     if cfg.objective == "dpo" and cfg.dpo.reference == "online":
         return {"reference": abstract_params(model)}
     return {}
@@ -146,6 +147,7 @@ def frozen_shardings(cfg: Config, model, mesh, frozen: dict) -> dict:
     from jaxllm import sharding
     from jaxllm.model.spec import abstract_params, logical_axes
     params_sh = sharding.tree_shardings(mesh, cfg.mesh.rules, logical_axes(model), abstract_params(model))
+    params_sh = {k: v for k, v in params_sh.items() if k in frozen.get("base", params_sh)}   # LoRA: base entries
 
     def one(leaf, sh):
         if isinstance(leaf, qwix.QArray):

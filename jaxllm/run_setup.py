@@ -79,11 +79,11 @@ def fit_run_to_tokenizer(cfg: Config, tokenizer_size: int, init_tokenizer: str |
     if init_checkpoint(cfg) and tokenizer_size > rows:
         if cfg.resize_method == "none":
             check_tokenizer_size(tokenizer_size, cfg.model, cfg.init_from)        # raises, naming both sizes
-        if cfg.lora.rank:
+        if cfg.lora.rank and not cfg.lora.train_embeddings:
             raise ConfigError(f"lora.rank={cfg.lora.rank} with a tokenizer larger than init_from's vocabulary "
-                              f"({tokenizer_size} > {rows}): the new rows would stay random in the frozen base. "
-                              f"Train them first with a full-model stage (optim.trainable='new_rows', "
-                              f"configs/continue_pretrain.py), then LoRA from that checkpoint")
+                              f"({tokenizer_size} > {rows}): the new rows would stay random in the frozen base. Set "
+                              f"lora.train_embeddings=True (the embedding and head train beside the adapters), or "
+                              f"train them first with a full-model stage (optim.trainable='new_rows')")
         if cfg.resize_method == "subword_mean" and not init_tokenizer:
             raise ConfigError(f"resize_method='subword_mean' needs the tokenizer.model of init_from "
                               f"({cfg.init_from}), which has none; use 'mean' or 'mean_noise'")

@@ -101,9 +101,9 @@ def trained_specs(cfg: Config, objective: Objective) -> dict:
 
 
 def split_base(cfg: Config, objective: Objective, init_params: dict, seed: int) -> tuple[dict, dict]:
-    """LoRA: (the trained entries init_from brings or the objective adds, e.g. a reward head; the frozen base,
-    cast or quantized as lora.* says)."""
-    heads, base = lora.split(objective.extend_params(init_params, jax.random.key(seed)))
+    """LoRA: (the trained entries init_from brings or the objective adds: a reward head, with
+    lora.train_embeddings the embedding and head; the frozen base, cast or quantized as lora.* says)."""
+    heads, base = lora.split(objective.extend_params(init_params, jax.random.key(seed)), lora.trained_entries(cfg.lora))
     return heads, quantize.frozen_base(base, cfg.lora.base_dtype, cfg.lora.quantize_base)
 
 

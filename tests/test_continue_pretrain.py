@@ -124,6 +124,34 @@ def test_stage_one_trains_only_new_rows_then_stage_two_trains_all_and_exports(se
     np.testing.assert_allclose(np.asarray(ours)[0, :, :merged.vocab_size], theirs, atol=2e-4, rtol=2e-4)
 
 
+def test_chinese_llama_lora_stage_trains_adapters_and_the_resized_embedding_on_a_frozen_base(setup):
+    """Chinese-LLaMA's LoRA pretraining: the expanded vocabulary's embedding and head train whole beside adapters
+    on a frozen base; without lora.train_embeddings the resize is refused (new rows would stay random)."""
+    import dataclasses
+    from jaxllm.checkpoint import load_adapters, load_params
+    from jaxllm.config import LoraConfig
+    from jaxllm.model import lora
+    merged, old = setup["merged"], setup["base_vocab"]
+    cfg = run_config(setup, setup["root"] / "lora", steps=6, init_from=setup["hf"], trainable="all", lr=1e-2,
+                     tokenizer=merged.path)
+    with pytest.raises(ValueError, match="lora.train_embeddings=True"):
+        train(dataclasses.replace(cfg, lora=LoraConfig(rank=4, base_dtype="float32")))
+    lc = LoraConfig(rank=4, alpha=8.0, base_dtype="float32", train_embeddings=True)
+    train(dataclasses.replace(cfg, lora=lc, allow_config_change=True))
+    assert losses(setup["root"] / "lora")[-1] < losses(setup["root"] / "lora")[0]
+    trained = load_adapters(setup["root"] / "lora" / "checkpoints" / "6")
+    assert set(trained) == {"layers", "embed", "lm_head"}
+    assert trained["embed"]["embedding"].shape[0] >= merged.vocab_size              # the resized rows
+    hf_params, _ = from_hf(setup["hf"])
+    params, _, _ = load_params(str(setup["root"] / "lora"))                       # base + adapters, merged
+    np.testing.assert_array_equal(params["embed"]["embedding"], trained["embed"]["embedding"])
+    np.testing.assert_array_equal(params["final_norm"]["scale"], hf_params["final_norm"]["scale"])   # frozen
+    expected_up = lora.merge({"layers": hf_params["layers"]}, {"layers": trained["layers"]}, lora.scale(lc))
+    np.testing.assert_allclose(params["layers"]["mlp"]["up"], expected_up["layers"]["mlp"]["up"], atol=1e-6)
+    assert np.abs(params["embed"]["embedding"][old:merged.vocab_size]
+                  - np.asarray(hf_params["embed"]["embedding"]).mean(0)).max() > 1e-3   # new rows learned
+
+
 def dataclasses_replace_steps(cfg: Config, steps: int) -> Config:
     import dataclasses
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))

@@ -54,10 +54,17 @@ def lora_specs(model_specs: dict, lora: LoraConfig) -> dict:
     return out
 
 
+def trained_entries(lora: LoraConfig) -> tuple[str, ...]:
+    """Decoder entries a LoRA run trains whole beside its adapters."""
+    return ("embed", "lm_head") if lora.train_embeddings else ()
+
+
 def trained_specs(objective_specs: dict, model_specs: dict, lora: LoraConfig) -> dict:
-    """What a LoRA run trains: the adapters and the objective's own entries (a reward head)."""
-    heads = {k: v for k, v in objective_specs.items() if k not in DECODER_ENTRIES}
-    return {**lora_specs(model_specs, lora), **heads}
+    """What a LoRA run trains: the adapters, the objective's own entries (a reward head) and, with
+    lora.train_embeddings, the embedding and output head."""
+    whole = {k: v for k, v in objective_specs.items()
+             if k not in DECODER_ENTRIES or k in trained_entries(lora)}
+    return {**lora_specs(model_specs, lora), **whole}
 
 
 def scale(lora: LoraConfig) -> float:
@@ -98,12 +105,13 @@ def combine(trained: dict, base: dict | None, adapter_scale: float = 1.0) -> dic
     return out
 
 
-def split(params: dict) -> tuple[dict, dict]:
-    """(adapters and objective entries, decoder weights) of a combined tree: the inverse of `combine`."""
+def split(params: dict, entries: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(adapters, objective entries and the decoder `entries` trained whole; the frozen decoder weights) of a
+    combined tree: the inverse of `combine`."""
     def go(tree, top: bool):
         trained, base = {}, {}
         for key, value in tree.items():
-            if top and key not in DECODER_ENTRIES:
+            if top and (key not in DECODER_ENTRIES or key in entries):
                 trained[key] = value
             elif "_lora_" in key:
                 trained[key] = value
