@@ -226,9 +226,46 @@ class RewardConfig:
     center: float = 0.0             # weight of (r_chosen + r_rejected)², keeps rewards centred on zero
     use_margin: bool = True         # subtract a record's `margin` inside the sigmoid
     histogram_bins: int = 30        # bins of the gap histograms drawn at each evaluation
+    # Rewards of RL (objective "rl"): a jaxllm reward model and/or Python functions, combined with weights.
+    model: str = ""                 # a reward-model checkpoint (runs/reward) scoring (prompt, completion)
+    functions: tuple = ()           # "module:function" names, f(prompts, completions, completion_ids) -> floats
+    weights: tuple = ()             # one per source, the model first, then the functions; empty = all 1
 
     def validate(self, where: str = "reward") -> None:
         _check(self.center >= 0, f"{where}.center must be >= 0")
+        bad = [f for f in self.functions if not isinstance(f, str) or ":" not in f]
+        _check(not bad, f"{where}.functions must be 'module:function' names, got {bad}")
+        sources = int(bool(self.model)) + len(self.functions)
+        _check(not self.weights or len(self.weights) == sources, f"{where}.weights: {len(self.weights)} weights "
+               f"for {sources} reward sources (reward.model, then each of reward.functions)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """GRPO (objective "rl"): G samples per prompt from the current policy, rewards normalised within each
+    group, a clipped policy-gradient loss and a k3 KL to the reference (the init_from model)."""
+    group_size: int = 4             # G completions per prompt; train.batch_size counts completions (rows)
+    max_new_tokens: int = 64        # completion length budget; prompts are cut from the left to fit seq_len
+    temperature: float = 1.0        # sampling temperature of the rollouts
+    top_p: float = 1.0              # nucleus of the rollouts
+    beta: float = 0.04              # weight of the k3 KL estimate to the reference, per token
+    clip_low: float = 0.2           # the ratio is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2          # DAPO's clip-higher: 0.28
+    aggregation: str = "token"      # "token": mean over all completion tokens (DAPO); "sequence": mean per
+                                    # completion, then over completions (GRPO); "dr_grpo": token sums over a
+                                    # constant max_new_tokens (Dr. GRPO)
+    scale_rewards: bool = True      # divide advantages by the group's std (Dr. GRPO: False)
+    eval_prompts: int = 32          # held-out prompts completed and scored at each evaluation
+
+    def validate(self, where: str = "rl") -> None:
+        _check(self.group_size >= 2, f"{where}.group_size must be >= 2 (advantages compare samples of a prompt)")
+        _check(self.max_new_tokens >= 1, f"{where}.max_new_tokens must be >= 1")
+        _check(self.temperature > 0, f"{where}.temperature must be > 0 (rollouts sample)")
+        _check(0 < self.top_p <= 1, f"{where}.top_p must be in (0, 1]")
+        _check(self.beta >= 0 and self.clip_low >= 0 and self.clip_high >= 0,
+               f"{where}.beta, clip_low and clip_high must be >= 0")
+        _check(self.aggregation in ("token", "sequence", "dr_grpo"),
+               f"{where}.aggregation must be token, sequence or dr_grpo, got {self.aggregation!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,9 +335,10 @@ class Config:
     train: TrainConfig = TrainConfig()      # the loop
     reward: RewardConfig = RewardConfig()   # objective "reward" only
     dpo: DPOConfig = DPOConfig()            # objective "dpo" only
+    rl: RLConfig = RLConfig()               # objective "rl" only
     lora: LoraConfig = LoraConfig()         # low-rank adapters on a frozen (optionally quantized) base
     log: LogConfig = LogConfig()            # optional metric sinks (Weights & Biases)
-    objective: str = "lm"           # "lm" | "sft" | "reward" | "dpo" (objectives/)
+    objective: str = "lm"           # "lm" | "sft" | "reward" | "dpo" | "rl" (objectives/)
     workdir: str = ""               # everything the run writes; required
     tokenizer: str = ""             # path to a SentencePiece tokenizer.model; empty = train one on data.sources
     tokenizer_vocab_size: int = 8000  # vocabulary of the tokenizer trained when `tokenizer` is empty

@@ -44,6 +44,12 @@ def model_params(params, frozen, adapter_scale: float = 1.0):
     return params if base is None else lora.combine(params, base, adapter_scale)
 
 
+def reference_params(frozen):
+    """The frozen reference a loss compares the policy with (DPO, RL): frozen["reference"], the init_from
+    model; with LoRA the frozen base itself, without adapters, so the weights are never held twice."""
+    return frozen["reference"] if "reference" in frozen else frozen["base"]
+
+
 def accumulate_gradients(loss_fn, params, batch, frozen, accum_steps: int, adapter_scale: float = 1.0):
     """(gradients of the loss sum, the loss's sums) over the batch, `accum_steps` micro-batches at a time.
     Gradients are taken with respect to `params` only: a frozen base is read, never differentiated."""

@@ -139,7 +139,8 @@ def train(cfg: Config) -> dict:
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     specs = trained_specs(cfg, objective)
     abstract, state_sh = state_shardings(specs, tx, mesh, rules)
-    batch_sh = batch_shardings(mesh, rules, _peek(objective.train_batches), nproc)
+    layout = objective.batch_layout() if objective.batch_layout else _peek(objective.train_batches)
+    batch_sh = batch_shardings(mesh, rules, layout, nproc)
     settings = dict(objective.loss_settings, adapter_scale=lora.scale(cfg.lora) if cfg.lora.rank else 1.0)
     step_fn = jax.jit(functools.partial(objective.train_step, tx=tx, accum_steps=cfg.optim.grad_accum_steps,
                                         **settings),
@@ -249,7 +250,11 @@ class TrainLoop:
         tokens_shape, input_wait = (), 0.0
         while step < train_cfg.steps:
             t_wait = time.time()
-            batch = global_batch(next(batches), self.batch_sh)
+            host = next(batches)
+            if self.objective.rollout is not None:   # the batch is the policy's own samples (rl)
+                params = model_params(state["params"], self.frozen, self.adapter_scale)
+                host = self.objective.rollout(step, params, self.frozen, host)
+            batch = global_batch(host, self.batch_sh)
             # Host time spent waiting for input; steps are dispatched asynchronously, so on an accelerator
             # this is time the device may sit idle only if it exceeds the step time.
             input_wait += time.time() - t_wait

@@ -226,6 +226,57 @@ def load_sft(paths, fmt: str = "auto", on_error: str = "raise") -> list[list[dic
     return _kept(paths, "instruction record", out, skipped)
 
 
+def to_prompt(record: dict, where: str) -> dict:
+    """An RL prompt record -> {"messages": the conversation up to the assistant's turn, "fields": the record's
+    other scalar fields (e.g. a reference `answer` that a rule reward reads)}. Layouts: {"prompt": text or
+    turns}, Alpaca's instruction (+ input; an output is ignored), or messages / conversations (turns after the
+    last user turn are dropped)."""
+    if "prompt" in record:
+        value = record["prompt"]
+        messages = ([{"role": "user", "content": value}] if isinstance(value, str)
+                    else _turns(value, where, "prompt"))
+        used = {"prompt"}
+    else:
+        try:
+            fmt = detect_format(record)
+        except ValueError as e:
+            raise RecordError(f"{where}: {e}", "unrecognised layout") from None
+        if fmt not in SFT_FORMATS:
+            raise RecordError(f"{where}: a {fmt!r} record is not a prompt (expected 'prompt', Alpaca or messages)",
+                              "not a prompt record")
+        if fmt == "alpaca":
+            from jaxllm.data.templates import alpaca_user
+            messages = [{"role": "user", "content": alpaca_user(_text(record, "instruction", where),
+                                                                _text(record, "input", where, optional=True))}]
+        else:
+            messages = _turns(record["messages" if fmt == "messages" else "conversations"], where, fmt)
+        used = {"instruction", "input", "output", "messages", "conversations"}
+    last_user = max((i for i, t in enumerate(messages) if t["role"] == "user"), default=-1)
+    if last_user < 0 or not messages[last_user]["content"].strip():
+        raise RecordError(f"{where}: the prompt has no user turn with text", "no user text")
+    fields = {k: v for k, v in record.items() if k not in used and isinstance(v, (str, int, float, bool))}
+    return {"messages": messages[:last_user + 1], "fields": fields}
+
+
+def load_prompts(paths, on_error: str = "raise") -> list[dict]:
+    """RL prompts (`to_prompt`) from JSON / JSON Lines files; malformed records name file:line and field, or
+    with on_error="skip" are counted and logged."""
+    out, skipped = [], {}
+    for path in _paths(paths):
+        for lineno, record in read_json_records(path):
+            where = f"{path}:{lineno}"
+            if not isinstance(record, dict):
+                error = RecordError(f"{where}: a record must be a JSON object", "not a JSON object")
+                if on_error == "raise":
+                    raise error
+                count(skipped, error.reason, where)
+                continue
+            prompt = _converted(to_prompt, (record, where), on_error, skipped)
+            if prompt is not None:
+                out.append(prompt)
+    return _kept(paths, "prompt record", out, skipped)
+
+
 def load_pairs(paths, on_error: str = "raise") -> list[dict]:
     """Preference pairs; chosen == rejected and empty responses are skipped and counted (as malformed records
     are with on_error="skip"); no pair left is an error naming every cause with its count."""

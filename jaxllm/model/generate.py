@@ -58,6 +58,7 @@ class Completion:
     prompt: list[int]
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)           # of each chosen token
+    stop_id: int | None = None            # the stop id that ended the row (not in tokens), if one did
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     text: str = ""                        # decoded continuation (stop string and anything after it cut off)
     finish_reason: str | None = None      # "stop" (stop id or string) | "length"
@@ -235,6 +236,7 @@ def _accept(result: Completion, sp: SamplingParams, tracker, budget: int, token:
     """Appends one sampled token to a row, or ends the row (stop id, stop string, length budget)."""
     if token in sp.stop_ids:
         result.finish_reason = "stop"
+        result.stop_id = token
     else:
         result.tokens.append(token)
         result.logprobs.append(logprob)

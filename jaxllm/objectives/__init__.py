@@ -1,4 +1,4 @@
-"""Training objectives, one module each: lm, sft, reward, dpo.
+"""Training objectives, one module each: lm, sft, reward, dpo, rl.
 
 Each module holds its loss, its data builder, its eval report and extras, and exports
   train_step   the shared `steps.train_step` specialised with its loss (functools.partial),
@@ -17,7 +17,7 @@ import jax
 
 from jaxllm.config import Config
 
-OBJECTIVES = ("lm", "sft", "reward", "dpo")   # module names in this package
+OBJECTIVES = ("lm", "sft", "reward", "dpo", "rl")   # module names in this package
 
 
 @dataclasses.dataclass
@@ -39,6 +39,11 @@ class Objective:
     eval_hook: Callable[..., dict] | None = None
     # () -> {"data/...": value}: per-source tokens and epochs so far, merged into the metrics at log steps.
     data_stats: Callable[[], dict] | None = None
+    # An objective that trains on the policy's own samples (rl) makes each train batch from the current
+    # parameters: (step, model params, frozen, host batch of train_batches) -> host batch for train_step.
+    # batch_layout() is then a host batch of train_step's layout (zeros), which fixes the batch shardings.
+    rollout: Callable[..., dict] | None = None
+    batch_layout: Callable[[], dict] | None = None
 
 
 def objective_module(name: str):

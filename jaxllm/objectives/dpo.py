@@ -58,9 +58,7 @@ def dpo_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, beta: float,
     if REFERENCE_LOGPROBS in batch:                                           # the batch's structure, not data
         reference = batch[REFERENCE_LOGPROBS]                                 # (batch, 2)
     else:
-        # With LoRA the reference is the frozen base itself, without adapters: no second copy of the weights.
-        ref_params = frozen["reference"] if "reference" in frozen else frozen["base"]
-        reference = jax.lax.stop_gradient(pair_logprobs(ref_params, batch, model_cfg))
+        reference = jax.lax.stop_gradient(pair_logprobs(steps.reference_params(frozen), batch, model_cfg))
     sums = dpo(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], batch["weight"], beta, kind,
                label_smoothing)
     return sums["loss"], sums
