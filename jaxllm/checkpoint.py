@@ -408,9 +408,7 @@ def load_params(path: str, shardings=None) -> tuple[dict, ModelConfig, str | Non
     model_cfg = info["model_cfg"]
     if info["kind"] == "hf":
         from jaxllm.model.convert import from_hf
-        params, model_cfg = from_hf(info["hf_dir"])
-        if shardings is not None:
-            params = jax.device_put(params, shardings)
+        params, model_cfg = from_hf(info["hf_dir"], shardings=shardings)
     elif info["kind"] == "params":
         with ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(info["params_dir"])

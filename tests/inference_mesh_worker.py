@@ -28,5 +28,9 @@ params = load_for_inference(checkpoint, mesh=inference_mesh(4, 2)).params
 shapes = {name: list(w.sharding.shard_shape(w.shape)) for name, w in
           (("embedding", params["embed"]["embedding"]), ("gate", params["layers"]["mlp"]["gate"]),
            ("q", params["layers"]["attn"]["q"]))}
+# The same weights from their Hugging Face export, read straight into the mesh's shardings.
+hf = load_for_inference(f"{out_dir}/hf", mesh=inference_mesh(4, 2)).params
+hf_shapes = {"gate": list(hf["layers"]["mlp"]["gate"].sharding.shard_shape(hf["layers"]["mlp"]["gate"].shape))}
+hf_diff = max(float(abs(a - b).max()) for a, b in zip(jax.tree.leaves(hf), jax.tree.leaves(params)))
 print(json.dumps({"ppl": json.load(open(f"{out_dir}/ppl.json")), "generated": generated.getvalue(),
-                  "shapes": shapes}), flush=True)
+                  "shapes": shapes, "hf_shapes": hf_shapes, "hf_diff": hf_diff}), flush=True)

@@ -12,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from jaxllm.checkpoint import save_params
+from jaxllm.checkpoint import export_hf, save_params
 from jaxllm.config import ModelConfig
 from jaxllm.eval import cli
 from jaxllm.model.spec import init_params
@@ -30,6 +30,7 @@ def test_eval_ppl_and_generate_on_a_sharded_mesh_equal_one_device(tmp_path, engl
     with contextlib.redirect_stdout(out):
         cli.generate_main([f"--checkpoint={checkpoint}", "--prompt=the model", "--temperature=0", "--template=none",
                            "--max_new_tokens=12"])
+    export_hf(checkpoint, str(tmp_path / "hf"))
     worker = os.path.join(os.path.dirname(__file__), "inference_mesh_worker.py")
     run = subprocess.run([sys.executable, worker, checkpoint, str(text), str(tmp_path)], capture_output=True,
                          text=True, timeout=600)
@@ -42,3 +43,4 @@ def test_eval_ppl_and_generate_on_a_sharded_mesh_equal_one_device(tmp_path, engl
     V = cfg.vocab_size
     assert sharded["shapes"] == {"embedding": [V // 2 if V % 2 == 0 else V, 16], "gate": [2, 16, 96],
                                  "q": [2, 16, 2, 16]}
+    assert sharded["hf_shapes"] == {"gate": [2, 16, 96]} and sharded["hf_diff"] == 0.0   # HF read sharded too

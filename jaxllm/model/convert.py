@@ -278,11 +278,13 @@ def _on_host():
         return contextlib.nullcontext()
 
 
-def from_hf(hf_dir, dtype=None) -> tuple[dict, ModelConfig]:
+def from_hf(hf_dir, dtype=None, shardings=None) -> tuple[dict, ModelConfig]:
     """Reads a Hugging Face Llama directory -> (params in cfg.param_dtype, cfg).
 
-    dtype overrides param_dtype (default float32). All problems (missing, unexpected, wrongly shaped
-    tensors) are collected and raised together as one ValueError."""
+    dtype overrides param_dtype (default float32). shardings (a tree like the params) places each weight as it
+    is read: a process puts on its devices only the slices they hold, and host memory holds one weight at a
+    time instead of the whole model. All problems (missing, unexpected, wrongly shaped tensors) are collected
+    and raised together as one ValueError."""
     hf_dir = Path(hf_dir)
     cfg = load_hf_config(hf_dir)
     if dtype is not None:
@@ -307,13 +309,17 @@ def from_hf(hf_dir, dtype=None) -> tuple[dict, ModelConfig]:
             for i, name in enumerate(leaf.names):
                 hf = np.asarray(handles[files[name]].get_tensor(name))      # hf_shape, file dtype
                 out[i if leaf.stacked else ...] = leaf.to_ours(hf).astype(target)
-            node = params
+            node, where = params, shardings
             for key in leaf.path[:-1]:
                 node = node.setdefault(key, {})
+                where = where[key] if where is not None else None
+            if where is not None:     # only this process's slices go to its devices; the host copy is dropped
+                sharding = where[leaf.path[-1]]
+                out = jax.make_array_from_callback(out.shape, sharding, lambda index, out=out: out[index])
             node[leaf.path[-1]] = out
     if problems:
         raise ValueError(f"{hf_dir}: checkpoint does not match the config:\n  " + "\n  ".join(problems))
-    return jax.tree.map(jnp.asarray, params), cfg
+    return (params if shardings is not None else jax.tree.map(jnp.asarray, params)), cfg
 
 
 def to_hf(params, cfg: ModelConfig, out_dir, tokenizer_path=None, max_shard_bytes: int = 2 * 1024**3,

@@ -23,6 +23,7 @@ import functools
 import importlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -254,7 +255,9 @@ class Rollouts:
         rl, g = self.cfg.rl, self.cfg.rl.group_size
         indices = [int(i) for i in host["prompt"]]
         seed = int(np.random.default_rng([self.cfg.train.seed, step, self.process_index]).integers(2 ** 31))
+        t0 = time.perf_counter()
         prompts, completions, texts = self.sample(params, indices, seed, rl.temperature, g)
+        sample_s = time.perf_counter() - t0
         total, each = self.score(indices, g, texts, completions)
         batch = rows_of(prompts, completions, self.cfg.data.seq_len)
         batch["advantage"] = group_advantages(total, g, rl.scale_rewards)
@@ -265,6 +268,7 @@ class Rollouts:
         self.stats = {"rollout/reward_mean": float(total.mean()), "rollout/reward_std": float(total.std()),
                       "rollout/advantage_abs_mean": float(np.abs(batch["advantage"]).mean()),
                       "rollout/response_length": float(lengths.mean()),
+                      "rollout/tokens_per_s": float(lengths.sum() / max(sample_s, 1e-9)),   # sampling only
                       **{f"rollout/reward_{k}_mean": float(v.mean()) for k, v in each.items()},
                       **{f"rollout/reward_{k}_std": float(v.std()) for k, v in each.items()}}
         return batch
