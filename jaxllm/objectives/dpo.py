@@ -75,16 +75,26 @@ def dpo_report(sums: dict) -> dict:
 
 
 def attach_reference_logprobs(pairs: list[dict], reference, model_cfg: ModelConfig, seq_len: int,
-                              batch_size: int, out_sharding=None) -> None:
+                              batch_size: int, mesh, rules) -> None:
     """Computes the reference model's (chosen, rejected) log-probabilities once, into each encoded pair's
-    per-pair arrays (REFERENCE_LOGPROBS), which the preference pipeline carries into every batch. A long
-    pass: a progress line per interval (pairs done, rate, time left)."""
-    # out_sharding replicated: every process can read the values of a reference sharded across processes.
-    logprobs = jax.jit(functools.partial(pair_logprobs, cfg=model_cfg), out_shardings=out_sharding)
+    per-pair arrays (REFERENCE_LOGPROBS), which the preference pipeline carries into every batch.
+
+    Every process holds the same pair list; each global batch of batch_size x processes pairs is split along
+    the mesh's batch axes, so every pair is computed once on one device group (not once per process or per
+    data-parallel replica), and the values come back replicated to every process. A long pass: a progress
+    line per interval (pairs done, rate, time left)."""
+    nproc, index = jax.process_count(), jax.process_index()
+    step = batch_size * nproc
+    logprobs = jax.jit(functools.partial(pair_logprobs, cfg=model_cfg), out_shardings=sharding.replicated(mesh))
     progress = ProgressLog("DPO reference log-probabilities", len(pairs), "pairs")
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        values = np.asarray(jax.device_get(logprobs(reference, pair_batch(chunk, seq_len))))   # (chunk, 2)
+    for start in range(0, len(pairs), step):
+        chunk = pairs[start:start + step]
+        padded = chunk + [chunk[-1]] * (step - len(chunk))    # one compiled shape; the copies are discarded
+        batch = pair_batch(padded[index * batch_size:(index + 1) * batch_size], seq_len)   # this process's rows
+        batch = {k: jax.make_array_from_process_local_data(
+                     sharding.named_sharding(mesh, rules, ("batch",) + (None,) * (v.ndim - 1), (step, *v.shape[1:])),
+                     v) for k, v in batch.items()}
+        values = np.asarray(jax.device_get(logprobs(reference, batch)))[:len(chunk)]     # (chunk, 2)
         for pair, value in zip(chunk, values):
             pair.setdefault("arrays", {})[REFERENCE_LOGPROBS] = value.tolist()
         progress.update(start + len(chunk))
@@ -109,8 +119,8 @@ def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: in
         frozen = {}
     elif cfg.dpo.reference == "cached":
         for pairs in (train_pairs, eval_pairs):
-            attach_reference_logprobs(pairs, reference, cfg.model, cfg.data.seq_len, batch_size,
-                                      out_sharding=sharding.replicated(mesh))
+            attach_reference_logprobs(pairs, reference, cfg.model, cfg.data.seq_len, batch_size, mesh,
+                                      cfg.mesh.rules)
         frozen = {}
     else:
         frozen = {"reference": reference}
