@@ -187,7 +187,7 @@ def cmd_quickstart(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--vocab_size", type=int, default=8000, help="tokenizer vocabulary")
     parser.add_argument("--post_steps", type=int, default=120, help="steps of SFT and the reward model (DPO: half)")
-    parser.add_argument("--stages", default="pretrain,sft,reward,dpo", help="comma-separated stages to run")
+    parser.add_argument("--stages", default="pretrain,sft,reward,dpo,rl", help="comma-separated stages to run")
     args = parser.parse_args(argv)
     from jaxllm.quickstart import run_quickstart
     run_quickstart(args.workdir, steps=args.steps, vocab_size=args.vocab_size, post_steps=args.post_steps,

@@ -8,11 +8,14 @@ tiny model, each stage starting from the previous one's checkpoint.
    accuracy and the reward-gap plots.
 4) dpo: the same pairs from the SFT model, with LoRA adapters (the frozen SFT model is also the reference);
    implicit-reward accuracy and margin.
+5) rl: GRPO from the SFT model against stage 3's reward model on "下面是一条正面的评论：" and its variants;
+   held-out prompts scored by the reward model before and after, and the KL to the SFT model.
 After pretraining and SFT: sliding-window perplexity and bits per character, a 2-shot multiple-choice
 accuracy on held-out reviews (C-Eval prompt form), and sampled continuations.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -26,7 +29,7 @@ import numpy as np
 
 from jaxllm.checkpoint import load_params
 from jaxllm.config import (Config, DataConfig, DPOConfig, LoraConfig, ModelConfig, OptimConfig, RewardConfig,
-                           TrainConfig)
+                           RLConfig, TrainConfig)
 from jaxllm.data import load_documents, split_heldout
 from jaxllm.data.chat_pipeline import encode_pairs, pair_batch
 from jaxllm.data.formats import load_sft
@@ -40,7 +43,7 @@ from jaxllm.tokenizer.inspect import tokens_per_char_by_language
 from jaxllm.trainer import train
 
 SOURCES = ("builtin:peoples_daily", "builtin:reviews", "builtin:pydoc")
-STAGES = ("pretrain", "sft", "reward", "dpo")
+STAGES = ("pretrain", "sft", "reward", "dpo", "rl")
 SENTIMENT_INSTRUCTION = "判断下面评论的情感倾向，回答正面或负面。"
 LABELS = ("正面", "负面")
 POSITIVE_PROMPT = "下面是一条正面的评论："
@@ -89,6 +92,22 @@ def write_review_data(out: Path, n: int = 1200) -> tuple[Path, Path]:
     pairs.write_text("".join(json.dumps({"prompt": POSITIVE_PROMPT, "chosen": p, "rejected": q}, ensure_ascii=False)
                              + "\n" for p, q in zip(pos, neg)), encoding="utf-8")
     return sft, pairs
+
+
+RL_PROMPTS = ("下面是一条正面的评论：", "下面是一条好评：", "请写一条正面的评论：", "下面是一条买家的正面评价：",
+              "写一条好评：", "下面是一条满意的评论：", "下面是一条推荐的评论：", "下面是一条正面的商品评论：")
+
+
+def write_rl_prompts(out: Path) -> Path:
+    """The RL stage's prompts: the reward model's prompt and its variants, each with a few different openings."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "rl_prompts.jsonl"
+    openings = ("", "这个", "质量", "物流", "东西", "价格")
+    with open(path, "w") as f:
+        for prompt in RL_PROMPTS:
+            for opening in openings:
+                f.write(json.dumps({"prompt": prompt + opening}, ensure_ascii=False) + "\n")
+    return path
 
 
 def label_accuracy(checkpoint: str, sft_file: Path, eval_fraction: float, seed: int, seq_len: int) -> float:
@@ -184,6 +203,20 @@ def run_quickstart(workdir: str, steps: int = 300, vocab_size: int = 8000, post_
         trained = sum(x.size for x in jax.tree.leaves(result["state"]["params"]))
         report["dpo"]["lora"] = {"rank": 16, "trained_parameters": int(trained),
                                  "trained_share": trained / report_parameters(base)}
+    if "rl" in stages and "reward" in stages:   # 5) GRPO against the reward model of stage 3
+        prompts_file = write_rl_prompts(root / "data")
+        rl_steps = max(post_steps // 6, 1)
+        rl_cfg = _post_config("rl", root / "rl", base, prompts_file, rl_steps, seq_len=64,
+                              reward=RewardConfig(model=str(root / "reward")),
+                              rl=RLConfig(group_size=4, max_new_tokens=16, beta=0.04, eval_prompts=16),
+                              optim=OptimConfig(lr=3e-4, warmup_steps=2, decay="constant", weight_decay=0.0))
+        # held-out prompts scored at the start and the end only (each evaluation samples and scores them)
+        result = train(dataclasses.replace(rl_cfg, data=dataclasses.replace(rl_cfg.data, eval_fraction=0.25),
+                                           train=dataclasses.replace(rl_cfg.train, eval_every=rl_steps)))
+        rows = [json.loads(line) for line in (root / "rl" / "eval" / "rl_rewards.jsonl").read_text().splitlines()]
+        report["rl"] = {"reward_before": rows[0]["eval/reward"], "reward_after": rows[-1]["eval/reward"],
+                        "kl": result.get("train/kl"), "steps": result["step"],
+                        "samples": str(root / "rl" / "eval" / "samples.jsonl")}
     report["seconds"] = time.time() - t0
     out = root / "eval" / "quickstart.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,5 +259,10 @@ def _summary(report: dict, root: Path, out: Path) -> str:
         lines.append(f"  dpo       implicit-reward accuracy {d['accuracy']:.3f}, margin {d['reward_margin']:.4f} "
                      f"(LoRA rank {d['lora']['rank']}: {d['lora']['trained_parameters']:,} trained parameters, "
                      f"{100 * d['lora']['trained_share']:.1f}% of the model)")
+    if "rl" in report:
+        r = report["rl"]
+        lines.append(f"  rl        GRPO against the reward model: held-out reward {r['reward_before']:.3f} -> "
+                     f"{r['reward_after']:.3f} in {r['steps']} steps, KL to the SFT model {r['kl']:.4f}; samples "
+                     f"{r['samples']}")
     lines += [f"  report    {out}  ({report['seconds']:.0f} s)", ""]
     return "\n".join(lines)

@@ -282,20 +282,25 @@ class Rollouts:
         return batch
 
 
+EVAL_SAMPLES = 2   # completions per held-out prompt at each evaluation
+
+
 def evaluation(step: int, params, put_batch, workdir: str, *, rollouts: Rollouts, held: list[int]) -> dict:
-    """Held-out prompts, one greedy completion each: rewards logged, samples.jsonl appended, the reward curve
-    (eval/rl_rewards.jsonl) drawn as plots/rl_reward_curve.png."""
+    """Held-out prompts, EVAL_SAMPLES completions each sampled as in training with a fixed seed (the objective
+    is the expected reward of the policy's samples, which a greedy completion does not measure): rewards logged,
+    samples.jsonl appended, the reward curve (eval/rl_rewards.jsonl) drawn as plots/rl_reward_curve.png."""
     del put_batch
     if not held:
         return {}
-    _, completions, texts = rollouts.sample(params, held, seed=0, temperature=1e-6, group=1)
-    total, each = rollouts.score(held, 1, texts, completions)
+    _, completions, texts = rollouts.sample(params, held, seed=0, temperature=rollouts.cfg.rl.temperature,
+                                            group=EVAL_SAMPLES)
+    total, each = rollouts.score(held, EVAL_SAMPLES, texts, completions)
     out = {"eval/reward": float(total.mean()), **{f"eval/reward_{k}": float(v.mean()) for k, v in each.items()}}
     if jax.process_index() == 0:
         root = Path(workdir)
         (root / "eval").mkdir(parents=True, exist_ok=True)
         with open(root / "eval" / "samples.jsonl", "a") as f:
-            for i, text, r in zip(held, texts, total):
+            for i, text, r in zip([i for i in held for _ in range(EVAL_SAMPLES)], texts, total):
                 f.write(json.dumps({"step": step, "prompt": rollouts.prompts[i]["messages"][-1]["content"],
                                     "completion": text, "reward": float(r)}, ensure_ascii=False) + "\n")
         with open(root / "eval" / "rl_rewards.jsonl", "a") as f:
