@@ -78,12 +78,12 @@ def test_lora_sft_trains_only_adapters_resumes_exactly_and_exports_merged(tmp_pa
     constant_lr = lambda cfg: dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, decay="constant",  # noqa
                                                                                  lr=1e-2))
     straight = constant_lr(run_cfg(tmp_path / "straight", "sft", base_checkpoint, records,
-                                   train=dict(steps=20, eval_every=10, log_every=1), **kw))
+                                   train=dict(steps=12, eval_every=6, log_every=1), **kw))
     train(straight)
     half = constant_lr(run_cfg(tmp_path / "resumed", "sft", base_checkpoint, records,
-                               train=dict(steps=10, eval_every=10, log_every=1, save_every=10), **kw))
+                               train=dict(steps=6, eval_every=6, log_every=1, save_every=6), **kw))
     train(half)
-    train(dataclasses.replace(half, train=dataclasses.replace(half.train, steps=20)))
+    train(dataclasses.replace(half, train=dataclasses.replace(half.train, steps=12)))
     losses = lambda d: [r["train/loss"] for r in read_metrics(str(d / "metrics.jsonl")) if "train/loss" in r]  # noqa
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")          # bit-identical after resume
     evals = [r["eval/loss"] for r in read_metrics(str(tmp_path / "straight" / "metrics.jsonl")) if "eval/loss" in r]
@@ -92,7 +92,7 @@ def test_lora_sft_trains_only_adapters_resumes_exactly_and_exports_merged(tmp_pa
     assert evals[-1] < evals[0] - 0.05
 
     # The checkpoint holds the adapters only; the base is init_from's, untouched.
-    saved = load_adapters(tmp_path / "straight" / "checkpoints" / "20")
+    saved = load_adapters(tmp_path / "straight" / "checkpoints" / "12")
     leaves = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved)[0]]
     assert leaves and all("_lora_" in name for name in leaves), leaves
     base, _, _ = load_params(base_checkpoint)
@@ -149,7 +149,8 @@ def test_qlora_reward_model_matches_the_bf16_lora_run(tmp_path, review_pairs, ba
     accuracy = {}
     for kind in ("none", "nf4"):
         cfg = run_cfg(tmp_path / kind, "reward", base_checkpoint, pairs_file, data=dict(template="chat"),
-                      reward=RewardConfig(center=0.01), lora=LoraConfig(rank=8, alpha=32.0, quantize_base=kind))
+                      reward=RewardConfig(center=0.01), lora=LoraConfig(rank=8, alpha=32.0, quantize_base=kind),
+                      train=dict(steps=30, eval_every=30, eval_at_start=False))
         accuracy[kind] = train(cfg)["eval/accuracy"]
     assert accuracy["none"] > 0.7
     assert accuracy["nf4"] > accuracy["none"] - 0.05, accuracy      # QLoRA within a few points
