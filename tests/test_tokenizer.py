@@ -5,6 +5,7 @@ transformers' LlamaTokenizer, whose encoder is Hugging Face `tokenizers` (Rust),
 """
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,10 @@ def test_trained_vocab_size_is_what_was_asked(trained):
 def test_trained_writes_model_and_vocab_files(trained):
     out = Path(trained.path).parent
     assert trained.path == str(out / "tokenizer.model")
-    vocab = (out / "tokenizer.vocab").read_text(encoding="utf-8").splitlines()
-    assert len(vocab) == VOCAB_SIZE
+    vocab = (out / "tokenizer.vocab").read_text(encoding="utf-8")
+    # One "piece<TAB>score" entry per piece; pieces such as "\n\n" (the trainer keeps newlines) span lines.
+    assert len(re.findall(r"\t-?\d+(?:\.\d+)?(?:e-?\d+)?$", vocab, flags=re.M)) == VOCAB_SIZE
+    assert "\n\n\t" in vocab
 
 
 @pytest.mark.parametrize("text", [
