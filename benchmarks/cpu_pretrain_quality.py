@@ -13,8 +13,8 @@ neither saw (raw text: newlines and indentation are scored too).
            budget from a short calibration run. Scored by `text_perplexity` (`jaxllm eval ppl`).
   peer     transformers' GPT2LMHeadModel (nanoGPT's architecture) at 4 layers x 192, 6 heads, context 256,
            character-level (vocabulary: the training text's characters, plus one for unseen ones), torch with
-           2 threads, nanoGPT's recipe: random 256-character windows, batch 32, AdamW (lr 1e-3, betas 0.9/0.99,
-           weight decay 0.1), 10% warmup then cosine to 1e-4; its step count is sized after 10 timed steps.
+           2 threads, nanoGPT's recipe: random 256-character windows, batch 16 (jaxllm's rows per step),
+           AdamW (lr 1e-3, betas 0.9/0.99, weight decay 0.1), 10% warmup then cosine to 1e-4; its step count is sized after 10 timed steps.
            Scored with the same windows (256 tokens, overlapping by one, every character once).
 
 Bits per character = total NLL / ln 2 / characters of the held-out text, so tokenizers compare.
@@ -26,6 +26,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,7 +99,7 @@ def run_jaxllm(budget_s: float, root: Path, heldout: str) -> dict:
 # --------------------------------------------------------------------------------------------- peer
 
 def run_peer(budget_s: float, train_text: str, heldout: str, threads: int = 2, seq_len: int = 256,
-             batch: int = 32, seed: int = 0) -> dict:
+             batch: int = 16, seed: int = 0) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.set_num_threads(threads)
@@ -107,7 +109,8 @@ def run_peer(budget_s: float, train_text: str, heldout: str, threads: int = 2, s
     encode = lambda s: np.fromiter((index.get(c, 0) for c in s), np.int64, len(s))   # noqa: E731
     data = torch.from_numpy(encode(train_text))
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(chars) + 1, n_positions=seq_len, n_embd=192, n_layer=4,
-                                       n_head=6, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+                                       n_head=6, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       bos_token_id=None, eos_token_id=None))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -137,7 +140,7 @@ def run_peer(budget_s: float, train_text: str, heldout: str, threads: int = 2, s
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        loss = float(loss_t)
+        loss = float(loss_t.detach())
         if step == 10:   # size the run (and its schedule) to the budget from the first ten steps
             total = max(int(budget_s / ((time.perf_counter() - t0) / 10)), 11)
     train_s = time.perf_counter() - t0
@@ -164,26 +167,37 @@ def peer_bits_per_char(model, ids: np.ndarray, window: int) -> float:
     return total / math.log(2) / len(ids)
 
 
+def run_side(side: str, minutes: float, workdir: str) -> dict:
+    """One side in a fresh Python process, so that neither side's thread pools (XLA's, torch's) run or spin
+    while the other trains."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, f"--side={side}", f"--minutes={minutes}", f"--json={result}"]
+        subprocess.run(cmd + ([f"--workdir={workdir}"] if workdir else []), check=True)
+        return json.loads(result.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=6.0, help="training wall time of each side")
     parser.add_argument("--workdir", default="", help="jaxllm's runs (default: a temporary directory)")
-    parser.add_argument("--skip_peer", action="store_true", help="train and score jaxllm only")
+    parser.add_argument("--side", default="both", choices=("both", "jaxllm", "peer"), help="which side to run")
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the CPU comparison, also on a machine with an accelerator
     budget = args.minutes * 60
     heldout = read_novel(HELDOUT_FILE)[:HELDOUT_CHARS]
     out = {"minutes": args.minutes, "cpus": os.cpu_count(), "heldout_characters": len(heldout)}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.workdir or tmp)
-        out["jaxllm"] = run_jaxllm(budget, root, heldout)
-        print("jaxllm:", json.dumps(out["jaxllm"]), flush=True)
-        if not args.skip_peer:
-            out["peer"] = run_peer(budget, "\n".join(read_novel(f) for f in TRAIN_FILES), heldout)
-            print("peer:  ", json.dumps(out["peer"]), flush=True)
-    if "peer" in out:
+    if args.side == "jaxllm":
+        with tempfile.TemporaryDirectory() as tmp:
+            out["jaxllm"] = run_jaxllm(budget, Path(args.workdir or tmp), heldout)
+    elif args.side == "peer":
+        out["peer"] = run_peer(budget, "\n".join(read_novel(f) for f in TRAIN_FILES), heldout)
+    else:
+        for side in ("jaxllm", "peer"):      # one after the other, each alone on the cores
+            out[side] = run_side(side, args.minutes, args.workdir)[side]
+            print(f"{side}:", json.dumps(out[side]), flush=True)
         out["jaxllm_vs_peer"] = out["jaxllm"]["bits_per_character"] / out["peer"]["bits_per_character"] - 1
         print(f"bits/character on {len(heldout):,} characters of 西游记: jaxllm {out['jaxllm']['bits_per_character']:.3f} "
               f"({out['jaxllm']['steps']} steps, {out['jaxllm']['train_seconds']:.0f} s), peer "

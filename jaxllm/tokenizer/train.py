@@ -141,7 +141,7 @@ def _clear_error(e: RuntimeError, vocab_size: int, character_coverage: float) ->
 
 def train_tokenizer(texts: Iterable[str] | None = None, *, input_files: Sequence[str | os.PathLike] = (),
                     out_dir: str | os.PathLike, vocab_size: int = 8000, model_type: str = "bpe",
-                    character_coverage: float = 0.9995, byte_fallback: bool = True, split_digits: bool = True,
+                    character_coverage: float = 0.99995, byte_fallback: bool = True, split_digits: bool = True,
                     user_defined_symbols: Sequence[str] = (), max_sentence_length: int = 16384,
                     input_sentence_size: int = 2_000_000, num_threads: int = 2, seed: int = 0) -> Tokenizer:
     """Trains a SentencePiece model on `texts` and/or `input_files`; writes `out_dir/tokenizer.{model,vocab}`.
@@ -153,7 +153,10 @@ def train_tokenizer(texts: Iterable[str] | None = None, *, input_files: Sequence
       out_dir: created if missing.
       vocab_size: the exact number of pieces, special pieces included (ids 0..3: <unk> <s> </s> <pad>).
       model_type: "bpe" (default, as LLaMA), "unigram", "char" or "word".
-      character_coverage: fraction of characters the vocabulary must cover; the rest fall back to bytes.
+      character_coverage: fraction of characters the vocabulary must cover; the rest fall back to bytes. LLaMA's
+        0.99995: at 0.9995, 2.1% of the tokens of a held-out novel (西游记, tokenizer trained on 红楼梦 and
+        三国演义) were bytes of characters the training text has; at 0.99995, 1.4%, nearly all of them characters
+        it lacks (1.3% at 1.0).
       byte_fallback: encode characters outside the vocabulary as <0xNN> byte pieces instead of <unk>.
       split_digits: every digit is its own piece.
       user_defined_symbols: strings that are always exactly one piece, e.g. "<|im_start|>".
