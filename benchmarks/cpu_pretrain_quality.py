@@ -10,12 +10,15 @@ neither saw (raw text: newlines and indentation are scored too).
   jaxllm   configs/pretrain.py (model=tiny) as shipped, with only data.sources, train.steps and the workdir set:
            its tokenizer (8000-piece BPE, trained first and not timed), its data defaults (whole files cut into
            shuffled pieces), its schedule, its periodic evaluation and checkpoints. train.steps is sized to the
-           budget from a short calibration run. Scored by `text_perplexity` (`jaxllm eval ppl`).
+           budget from a short calibration run (on a shared machine the load changes, so the time it then takes
+           is measured, and is what the peer gets). Scored by `text_perplexity` (`jaxllm eval ppl`).
   peer     transformers' GPT2LMHeadModel (nanoGPT's architecture) at 4 layers x 192, 6 heads, context 256,
            character-level (vocabulary: the training text's characters, plus one for unseen ones), torch with
            2 threads, nanoGPT's recipe: random 256-character windows, batch 16 (jaxllm's rows per step),
-           AdamW (lr 1e-3, betas 0.9/0.99, weight decay 0.1), 10% warmup then cosine to 1e-4; its step count is sized after 10 timed steps.
-           Scored with the same windows (256 tokens, overlapping by one, every character once).
+           AdamW (lr 1e-3, betas 0.9/0.99, weight decay 0.1), 10% warmup then cosine to 1e-4, both on the clock:
+           it trains for exactly the seconds jaxllm's `train` took (setup, compile and evaluations included, so
+           the peer trains a little longer than jaxllm steps). Scored with the same windows (256 tokens,
+           overlapping by one, every character once).
 
 Bits per character = total NLL / ln 2 / characters of the held-out text, so tokenizers compare.
 """
@@ -77,7 +80,7 @@ def run_jaxllm(budget_s: float, root: Path, heldout: str) -> dict:
     calib_s = time.perf_counter() - t0
     rows = [r for r in read_metrics(str(root / "calibration" / "metrics.jsonl")) if "tokens_per_s" in r]
     cfg = jaxllm_config(root / "run", 1, tok_path)
-    step_s = cfg.train.batch_size * cfg.data.seq_len / rows[-1]["tokens_per_s"]
+    step_s = float(np.median([cfg.train.batch_size * cfg.data.seq_len / r["tokens_per_s"] for r in rows[1:]]))
     fixed_s = max(calib_s - CALIBRATION_STEPS * step_s, 0.0)
     # Periodic evaluations and checkpoints (every 100 steps by default) come on top: 5% is kept for them.
     steps = max(int((budget_s - fixed_s) / (step_s * 1.05)), 1)
@@ -117,19 +120,18 @@ def run_peer(budget_s: float, train_text: str, heldout: str, threads: int = 2, s
                             lr=1e-3, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(seed)
 
-    def lr_at(step: int, total: int) -> float:
-        warm = max(total // 10, 1)
-        if step < warm:                                        # 1) linear warmup
-            return 1e-3 * (step + 1) / warm
-        frac = (step - warm) / max(total - warm, 1)            # 2) cosine decay to 1e-4
+    def lr_at(progress: float) -> float:
+        if progress < 0.1:                                     # 1) linear warmup over the first 10% of the time
+            return 1e-3 * max(progress, 1e-3) / 0.1
+        frac = (progress - 0.1) / 0.9                          # 2) cosine decay to 1e-4 over the rest
         return 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
     model.train()
     t0 = time.perf_counter()
-    total, step, loss = 10**9, 0, float("nan")
-    while step < total:
+    step, loss = 0, float("nan")
+    while (elapsed := time.perf_counter() - t0) < budget_s:   # the schedule runs on the clock: exactly budget_s
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total if total < 10**9 else 10_000)
+            g["lr"] = lr_at(elapsed / budget_s)
         starts = torch.randint(len(data) - seq_len - 1, (batch,), generator=gen)
         x = torch.stack([data[s:s + seq_len] for s in starts])                 # (B, T)
         y = torch.stack([data[s + 1:s + seq_len + 1] for s in starts])         # (B, T)
@@ -141,8 +143,6 @@ def run_peer(budget_s: float, train_text: str, heldout: str, threads: int = 2, s
         opt.step()
         step += 1
         loss = float(loss_t.detach())
-        if step == 10:   # size the run (and its schedule) to the budget from the first ten steps
-            total = max(int(budget_s / ((time.perf_counter() - t0) / 10)), 11)
     train_s = time.perf_counter() - t0
     return {"steps": step, "train_seconds": train_s, "final_train_loss": loss, "vocab": len(chars) + 1,
             "unseen_heldout_chars": int(sum(c not in index for c in heldout)),
@@ -167,12 +167,12 @@ def peer_bits_per_char(model, ids: np.ndarray, window: int) -> float:
     return total / math.log(2) / len(ids)
 
 
-def run_side(side: str, minutes: float, workdir: str) -> dict:
+def run_side(side: str, minutes: float, workdir: str, seconds: float = 0.0) -> dict:
     """One side in a fresh Python process, so that neither side's thread pools (XLA's, torch's) run or spin
     while the other trains."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, f"--side={side}", f"--minutes={minutes}", f"--json={result}"]
+        cmd = [sys.executable, __file__, f"--side={side}", f"--minutes={seconds / 60 or minutes}", f"--json={result}"]
         subprocess.run(cmd + ([f"--workdir={workdir}"] if workdir else []), check=True)
         return json.loads(result.read_text())
 
@@ -195,9 +195,10 @@ def main() -> None:
     elif args.side == "peer":
         out["peer"] = run_peer(budget, "\n".join(read_novel(f) for f in TRAIN_FILES), heldout)
     else:
-        for side in ("jaxllm", "peer"):      # one after the other, each alone on the cores
-            out[side] = run_side(side, args.minutes, args.workdir)[side]
-            print(f"{side}:", json.dumps(out[side]), flush=True)
+        out["jaxllm"] = run_side("jaxllm", args.minutes, args.workdir)["jaxllm"]    # one after the other,
+        print("jaxllm:", json.dumps(out["jaxllm"]), flush=True)                     # each alone on the cores
+        out["peer"] = run_side("peer", args.minutes, args.workdir, seconds=out["jaxllm"]["train_seconds"])["peer"]
+        print("peer:", json.dumps(out["peer"]), flush=True)
         out["jaxllm_vs_peer"] = out["jaxllm"]["bits_per_character"] / out["peer"]["bits_per_character"] - 1
         print(f"bits/character on {len(heldout):,} characters of 西游记: jaxllm {out['jaxllm']['bits_per_character']:.3f} "
               f"({out['jaxllm']['steps']} steps, {out['jaxllm']['train_seconds']:.0f} s), peer "
