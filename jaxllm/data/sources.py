@@ -2,7 +2,8 @@
 
 A source spec is one of:
   * a file: `.txt` (documents are the whole file, blank-line separated paragraphs, or lines, per
-    `text_split`; "file", the default, keeps the text as written, newlines and indentation included), `.jsonl` (one JSON object per line) or `.json` (a JSON array of objects, as
+    `text_split`; "file", the default, keeps the text as written, newlines and indentation included),
+    `.jsonl` (one JSON object per line) or `.json` (a JSON array of objects, as
     chinese-poetry ships, or JSON Lines), text under `jsonl_field` (see `record_text`: a list of lines such
     as chinese-poetry's "paragraphs" is joined with newlines), `.parquet` (the string column `jsonl_field`)
     or `.array_record` (one UTF-8 document per record, read lazily);
@@ -16,17 +17,18 @@ A source spec is one of:
 
 Files are read as UTF-8; a UTF-8 BOM is dropped and CRLF / CR line ends become `\\n`. Lines and records are
 stripped of surrounding whitespace; files and paragraphs lose only their surrounding blank lines and trailing
-whitespace (the first line keeps its indentation). Empty documents are skipped and counted.
+whitespace (the first line keeps its indentation). Empty documents are skipped and counted. A bad record
+raises an error naming the file, line and field (or, with on_error="skip", is skipped and counted); counts of
+documents read and skipped are logged per spec. Nothing here decides which process reads what: the pipeline
+slices every source's indices per process (pipeline.py).
 
 Long documents become pieces. A document read into memory that is longer than `piece_chars` characters is
 cut into pieces of at most that many characters, each ending at a line end where one falls in the second half
 of the window (`cut_pieces`). Pieces are `TextPiece`s: plain strings that know whether they open or close their
 document, so only the first gets <s> and only the last </s>. Everything downstream (held-out split, shuffle,
 lanes) then treats pieces as documents: a corpus of a few books trains like a corpus of many documents, and
-1% held out is 1% of the text rather than one whole book. A bad record raises an error
-naming the file, line and field (or, with on_error="skip", is skipped and counted); counts of documents
-read and skipped are logged per spec. Nothing here decides which process reads what: the pipeline slices
-every source's indices per process (pipeline.py).
+1% held out is 1% of the text rather than one whole book. Lazy sources (ArrayRecord, TFDS, prepared token
+shards) keep whole documents.
 """
 from __future__ import annotations
 
