@@ -102,7 +102,11 @@ class DataConfig:
     eval_fraction: float = 0.01     # share of documents (or records) held out when no eval files are given
     seq_len: int = 256              # tokens per packed row
     jsonl_field: str = "text"       # field holding the text in .jsonl files
-    text_split: str = "line"        # documents in .txt files: "line", "paragraph" (blank line) or "file"
+    text_split: str = "file"        # documents in .txt files: "file" (the text as written, newlines and
+                                    # indentation kept), "paragraph" (at blank lines) or "line" (one per line)
+    piece_chars: int = 0            # documents longer than this many characters are cut into pieces (at line
+                                    # ends) that are shuffled, held out and spread over rows like documents;
+                                    # 0 = 4 x seq_len, < 0 = never cut (long documents are read in order)
     add_bos: bool = True            # <s> before every document
     add_eos: bool = True            # </s> after every document, so the model learns where text ends
     # Mixtures (data/mixture.py): one component per entry of `sources`.
@@ -125,6 +129,11 @@ class DataConfig:
     pack: bool = True               # SFT: pack several samples per row (document-masked)
     on_error: str = "raise"         # a malformed record: "raise" (file:line:field) or "skip" (counted)
 
+    @property
+    def document_piece_chars(self) -> int:
+        """`piece_chars` resolved: 4 x seq_len by default (about three rows of Chinese, one of English), 0 = off."""
+        return 4 * self.seq_len if self.piece_chars == 0 else max(self.piece_chars, 0)
+
     def validate(self, where: str = "data") -> None:
         _check(self.seq_len > 1, f"{where}.seq_len must be > 1")
         _check(self.overlong in ("skip", "truncate_prompt"), f"{where}.overlong must be 'skip' or 'truncate_prompt'")
@@ -132,8 +141,8 @@ class DataConfig:
         _check(self.format in ("auto", "alpaca", "sharegpt", "messages"),
                f"{where}.format must be auto, alpaca, sharegpt or messages, got {self.format!r}")
         _check(0.0 <= self.eval_fraction < 1.0, f"{where}.eval_fraction must be in [0, 1)")
-        _check(self.text_split in ("line", "paragraph", "file"),
-               f"{where}.text_split must be 'line', 'paragraph' or 'file', got {self.text_split!r}")
+        _check(self.text_split in ("file", "paragraph", "line"),
+               f"{where}.text_split must be 'file', 'paragraph' or 'line', got {self.text_split!r}")
         _check(self.mix in ("documents", "rows"), f"{where}.mix must be 'documents' or 'rows', got {self.mix!r}")
         _check(self.max_doc_chars >= 0 and self.workers >= 0, f"{where}.max_doc_chars and {where}.workers must be >= 0")
         validate_mixture(self.sources, self.weights, self.exhaustion, self.weight_schedule, where)

@@ -239,7 +239,8 @@ def _summary(report: dict, root: Path, out: Path) -> str:
              f"{p['bits_per_character']:.4f} bits/character over {p['heldout_characters']} characters; "
              f"loss curve {root / 'pretrain' / 'plots' / 'loss.png'}",
              "  tokenizer " + ", ".join(f"{t['tokens_per_char']:.3f} tokens/character on held-out "
-                                       f"{dict(zh='Chinese', en='English')[lang]} ({t['characters']} characters)"
+                                       f"{dict(zh='Chinese', en='English')[lang]} ({t['characters']} characters, "
+                                       f"{t['byte_fallback_share']:.2%} byte-fallback tokens)"
                                        for lang, t in p["tokenizer"].items())]
     e = p["evaluation"]
     lines.append(f"  eval      sliding-window perplexity {e['perplexity']:.2f}, {e['bits_per_character']:.4f} "

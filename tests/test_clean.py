@@ -85,7 +85,7 @@ def _passages(shared_data, per_source: int) -> list[str]:
     from jaxllm.data.sources import load_documents
     out = []
     for novel in ("hongloumeng", "xiyouji", "sanguoyanyi"):
-        lines = load_documents([str(shared_data / f"text/zh/novels/{novel}.txt")])
+        lines = load_documents([str(shared_data / f"text/zh/novels/{novel}.txt")], text_split="line")
         chunks, cur = [], ""
         for line in lines[50:]:
             cur += line

@@ -240,8 +240,9 @@ def test_tfds_and_text_mixture_trains_and_logs_per_source_stats(tmp_path, englis
     from jaxllm.metrics import read_metrics
     from jaxllm.trainer import train
     cfg = Config(model=ModelConfig.preset("tiny", vocab_size=0, max_seq_len=64),
+                 # english_corpus is one paragraph per line: "line" makes those paragraphs the documents counted
                  data=DataConfig(sources=("tfds:jaxllm_tiny_text:train", str(english_corpus)), weights=(0.3, 0.7),
-                                 seq_len=64, eval_fraction=0.05),
+                                 seq_len=64, eval_fraction=0.05, text_split="line"),
                  optim=OptimConfig(warmup_steps=1), workdir=str(tmp_path / "run"), tokenizer=tokenizer_path,
                  train=TrainConfig(steps=4, batch_size=4, log_every=2, eval_every=0, eval_batches=1, save_every=0,
                                    async_checkpointing=False)).validate()

@@ -47,7 +47,7 @@ def _shard_mtimes(out):
 
 def test_shards_hold_the_tokens_of_every_document_in_order(prepared, inputs, tokenizer_path):
     out, manifest = prepared
-    docs = load_documents(inputs)
+    docs = load_documents(inputs, text_split="line")   # prepare's default (the library's is now "file")
     tok = Tokenizer(tokenizer_path)
     records, _ = open_prepared(out, tok)
     assert manifest["documents"] == len(records) == len(docs)

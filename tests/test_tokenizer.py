@@ -5,6 +5,7 @@ transformers' LlamaTokenizer, whose encoder is Hugging Face `tokenizers` (Rust),
 """
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ LLAMA = DATA / "tokenizers" / "llama" / "tokenizer.model"
 
 IM_START = "<|im_start|>"
 RARE = "龘𠀀"  # a 3-byte and a 4-byte character, both absent from the training slice (checked below)
-VOCAB_SIZE = 4000  # Chinese needs ~2,600 character pieces at 0.9995 coverage, plus 256 bytes and specials
+VOCAB_SIZE = 4000  # Chinese needs ~2,600 character pieces at 0.9995-0.99995 coverage, plus 256 bytes and specials
 
 
 def _read(path: Path, n_chars: int) -> str:
@@ -59,8 +60,10 @@ def test_trained_vocab_size_is_what_was_asked(trained):
 def test_trained_writes_model_and_vocab_files(trained):
     out = Path(trained.path).parent
     assert trained.path == str(out / "tokenizer.model")
-    vocab = (out / "tokenizer.vocab").read_text(encoding="utf-8").splitlines()
-    assert len(vocab) == VOCAB_SIZE
+    vocab = (out / "tokenizer.vocab").read_text(encoding="utf-8")
+    # One "piece<TAB>score" entry per piece; pieces such as "\n\n" (the trainer keeps newlines) span lines.
+    assert len(re.findall(r"\t-?\d+(?:\.\d+)?(?:e-?\d+)?$", vocab, flags=re.M)) == VOCAB_SIZE
+    assert "\n\n\t" in vocab
 
 
 @pytest.mark.parametrize("text", [
@@ -235,3 +238,12 @@ def test_llama_encodings_match_transformers_on_the_exported_tokenizer_json(llama
     assert len(texts) > 300
     for text in texts:
         assert llama.encode(text) == reference.encode(text, add_special_tokens=False), text
+
+
+def test_byte_fallback_share_by_language_counts_the_bytes_of_an_unseen_character(trained):
+    from jaxllm.tokenizer.inspect import tokens_per_char_by_language
+    assert "龘" not in {trained.id_to_piece(i) for i in range(trained.vocab_size)}   # 3 UTF-8 bytes, no piece
+    doc = "宝玉笑道：“龘。”"
+    stats = tokens_per_char_by_language(trained, [doc, "To be, or not to be."])
+    assert stats["zh"]["byte_fallback_share"] == pytest.approx(3 / len(trained.encode(doc)))
+    assert stats["en"]["byte_fallback_share"] == 0.0

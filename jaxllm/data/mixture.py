@@ -108,7 +108,9 @@ class ToTokens:
         if isinstance(record, str):
             if self.max_doc_chars and len(record) > self.max_doc_chars:
                 return None
-            return np.asarray(self.tokenizer.encode(record, add_bos=self.add_bos, add_eos=self.add_eos), np.int32)
+            # A piece of a longer document (sources.TextPiece) opens or closes it only at its ends.
+            bos, eos = self.add_bos and getattr(record, "first", True), self.add_eos and getattr(record, "last", True)
+            return np.asarray(self.tokenizer.encode(record, add_bos=bos, add_eos=eos), np.int32)
         ids = [np.asarray(record, np.int32).reshape(-1)]   # prepared ids carry no bos/eos
         if self.add_bos:
             ids.insert(0, np.asarray([self.tokenizer.bos_id], np.int32))
@@ -361,7 +363,8 @@ def from_config(data, seed: int, tokenizer=None) -> tuple[Mixture, Sequence]:
 
     def open_all(specs):
         return [open_source(s, jsonl_field=data.jsonl_field, text_split=data.text_split,
-                            on_error=getattr(data, "on_error", "raise"), tokenizer=tokenizer) for s in specs]
+                            on_error=getattr(data, "on_error", "raise"), tokenizer=tokenizer,
+                            piece_chars=data.document_piece_chars) for s in specs]
 
     def join(parts):
         return [d for p in parts for d in p] if all(isinstance(p, list) for p in parts) else Concat(parts)

@@ -82,7 +82,7 @@ def plan(cfg, tokenizer=None, *, sample: int = 1000, budget_tokens: float | None
     rows, names = [], []
     for spec in data.sources:
         src = open_source(spec, jsonl_field=data.jsonl_field, text_split=data.text_split,
-                          on_error=getattr(data, "on_error", "raise"))
+                          on_error=getattr(data, "on_error", "raise"), piece_chars=data.document_piece_chars)
         tokens, how = _estimate(src, tokenizer, extra, sample, train.seed)
         names.append(component_name(spec, names))
         rows.append(PlanRow(names[-1], spec, len(src), tokens * keep, how, 0.0, 0.0, 0.0))

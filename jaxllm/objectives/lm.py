@@ -54,9 +54,11 @@ eval_step = functools.partial(steps.eval_step, loss_fn=lm_loss)
 def lm_documents(cfg: Config) -> tuple[list[str], list[str]]:
     """Training and held-out documents of an LM run."""
     data = cfg.data
-    docs = load_documents(data.sources, jsonl_field=data.jsonl_field, text_split=data.text_split)
+    read = functools.partial(load_documents, jsonl_field=data.jsonl_field, text_split=data.text_split,
+                             piece_chars=data.document_piece_chars)
+    docs = read(data.sources)
     if data.eval_sources:
-        return docs, load_documents(data.eval_sources, jsonl_field=data.jsonl_field, text_split=data.text_split)
+        return docs, read(data.eval_sources)
     return split_heldout(docs, data.eval_fraction, cfg.train.seed)
 
 

@@ -17,12 +17,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output directory (tokenizer.model, tokenizer.vocab)")
     p.add_argument("--vocab_size", type=int, default=8000, help="number of pieces")
     p.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece algorithm")
-    p.add_argument("--character_coverage", type=float, default=0.9995,
-                   help="share of characters covered by pieces; the rest fall back to bytes (Chinese: 0.9995)")
+    p.add_argument("--character_coverage", type=float, default=0.99995,
+                   help="share of characters covered by pieces; the rest fall back to bytes (LLaMA's 0.99995)")
     p.add_argument("--user_defined_symbols", default="", help="comma-separated pieces kept whole, e.g. <|im_start|>")
     p.add_argument("--jsonl_field", default="text", help="text field of .jsonl inputs")
-    p.add_argument("--text_split", default="line", choices=["line", "paragraph", "file"],
-                   help="what a document is in .txt inputs")
+    p.add_argument("--text_split", default="file", choices=["file", "paragraph", "line"],
+                   help="what a document is in .txt inputs: the whole file as written, paragraphs, or lines")
     _add_vocabulary_parsers(sub)
     args = parser.parse_args(argv)
     if args.action != "train":

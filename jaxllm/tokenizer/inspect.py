@@ -116,12 +116,12 @@ def format_pieces(tokenizer: Tokenizer | str | os.PathLike, text: str) -> str:
 
 def tokens_per_char_by_language(tokenizer: Tokenizer | str | os.PathLike, documents: Sequence[str]) -> dict:
     """{"zh": ..., "en": ...}: tokens per character over the documents that are mostly Chinese (at least half CJK
-    ideographs) and over those without any; each {"documents", "characters", "tokens_per_char"}. A language
-    with no documents is left out."""
+    ideographs) and over those without any; each {"documents", "characters", "tokens_per_char",
+    "byte_fallback_share"}. A language with no documents is left out."""
     groups = {"zh": [d for d in documents if cjk_share(d) >= 0.5], "en": [d for d in documents if cjk_share(d) == 0]}
     out = {}
     for lang, docs in groups.items():
         if docs:
             s = text_stats(tokenizer, docs)
-            out[lang] = {k: s[k] for k in ("documents", "characters", "tokens_per_char")}
+            out[lang] = {k: s[k] for k in ("documents", "characters", "tokens_per_char", "byte_fallback_share")}
     return out

@@ -3,7 +3,9 @@
 The recipe follows LLaMA's tokenizer, plus a pad piece: BPE with byte fallback (no text is ever `<unk>`),
 digits split one per piece (better arithmetic), identity normalization and kept whitespace (so
 `decode(encode(x)) == x` exactly: NFKC would turn Chinese full-width punctuation into ASCII), and a high
-character coverage because Chinese has thousands of characters that must be pieces of their own.
+character coverage because Chinese has thousands of characters that must be pieces of their own. Training
+sentences are passages of several lines with their newlines, so "\\n", paragraph breaks and indentation get
+pieces of their own instead of falling back to the byte <0x0A>.
 """
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ MODEL_TYPES = ("bpe", "unigram", "char", "word")
 
 
 class _Lines:
-    """The training lines of all inputs, one pass.
+    """The training sentences of all inputs, one pass.
 
-    Documents are split into lines; empty lines and lines over `max_bytes` UTF-8 bytes are skipped and
-    counted. sentencepiece turns an exception raised inside its sentence iterator into an opaque
+    Documents are cut into passages of whole lines (`_passages`) that keep their newlines, so that "\\n",
+    blank lines and indentation become pieces as text has them; files are read a line at a time. Empty
+    sentences and sentences over `max_bytes` UTF-8 bytes are skipped and counted. sentencepiece turns an exception raised inside its sentence iterator into an opaque
     RuntimeError, so the first error is also kept here and re-raised as it was.
     """
 
@@ -57,7 +60,7 @@ class _Lines:
             for i, doc in enumerate(self.texts):
                 if not isinstance(doc, str):
                     raise TypeError(f"texts[{i}] is {type(doc).__name__}, not str")
-                yield from self._keep(doc.splitlines())
+                yield from self._keep(_passages(doc, self.max_bytes // 4))
         for path in self.input_files:
             yield from self._keep(_file_lines(path))
 
@@ -73,6 +76,21 @@ class _Lines:
             else:
                 self.kept += 1
                 yield line
+
+
+def _passages(doc: str, max_bytes: int) -> Iterator[str]:
+    """Runs of consecutive lines of `doc`, joined with their newlines, each of at most `max_bytes` UTF-8 bytes
+    unless one line alone is longer (that line is then a passage of its own)."""
+    run, size = [], 0
+    for line in doc.split("\n"):
+        n = len(line.encode("utf-8")) + 1
+        if run and size + n > max_bytes:
+            yield "\n".join(run)
+            run, size = [], 0
+        run.append(line)
+        size += n
+    if run:
+        yield "\n".join(run)
 
 
 def _input_bytes(texts, input_files: Sequence[str]) -> int:
@@ -123,18 +141,22 @@ def _clear_error(e: RuntimeError, vocab_size: int, character_coverage: float) ->
 
 def train_tokenizer(texts: Iterable[str] | None = None, *, input_files: Sequence[str | os.PathLike] = (),
                     out_dir: str | os.PathLike, vocab_size: int = 8000, model_type: str = "bpe",
-                    character_coverage: float = 0.9995, byte_fallback: bool = True, split_digits: bool = True,
+                    character_coverage: float = 0.99995, byte_fallback: bool = True, split_digits: bool = True,
                     user_defined_symbols: Sequence[str] = (), max_sentence_length: int = 16384,
                     input_sentence_size: int = 2_000_000, num_threads: int = 2, seed: int = 0) -> Tokenizer:
     """Trains a SentencePiece model on `texts` and/or `input_files`; writes `out_dir/tokenizer.{model,vocab}`.
 
     Args:
-      texts: documents; each is split into lines, and each non-empty line is one training sentence.
+      texts: documents; each is cut into passages of whole lines (at most max_sentence_length / 4 bytes) that
+        keep their newlines and indentation, and each non-empty passage is one training sentence.
       input_files: UTF-8 text files, one sentence per line.
       out_dir: created if missing.
       vocab_size: the exact number of pieces, special pieces included (ids 0..3: <unk> <s> </s> <pad>).
       model_type: "bpe" (default, as LLaMA), "unigram", "char" or "word".
-      character_coverage: fraction of characters the vocabulary must cover; the rest fall back to bytes.
+      character_coverage: fraction of characters the vocabulary must cover; the rest fall back to bytes. LLaMA's
+        0.99995: at 0.9995, 2.1% of the tokens of a held-out novel (西游记, tokenizer trained on 红楼梦 and
+        三国演义) were bytes of characters the training text has; at 0.99995, 1.4%, nearly all of them characters
+        it lacks (1.3% at 1.0).
       byte_fallback: encode characters outside the vocabulary as <0xNN> byte pieces instead of <unk>.
       split_digits: every digit is its own piece.
       user_defined_symbols: strings that are always exactly one piece, e.g. "<|im_start|>".
