@@ -229,15 +229,17 @@ class RewardConfig:
     # Rewards of RL (objective "rl"): a jaxllm reward model and/or Python functions, combined with weights.
     model: str = ""                 # a reward-model checkpoint (runs/reward) scoring (prompt, completion)
     functions: tuple = ()           # "module:function" names, f(prompts, completions, completion_ids) -> floats
-    weights: tuple = ()             # one per source, the model first, then the functions; empty = all 1
+    judge_url: str = ""             # an OpenAI-compatible endpoint (http://host:port/v1) rating completions 0-10
+    judge_model: str = "judge"      # the model name sent to it
+    weights: tuple = ()             # one per source: the model, each function, the judge; empty = all 1
 
     def validate(self, where: str = "reward") -> None:
         _check(self.center >= 0, f"{where}.center must be >= 0")
         bad = [f for f in self.functions if not isinstance(f, str) or ":" not in f]
         _check(not bad, f"{where}.functions must be 'module:function' names, got {bad}")
-        sources = int(bool(self.model)) + len(self.functions)
+        sources = int(bool(self.model)) + len(self.functions) + int(bool(self.judge_url))
         _check(not self.weights or len(self.weights) == sources, f"{where}.weights: {len(self.weights)} weights "
-               f"for {sources} reward sources (reward.model, then each of reward.functions)")
+               f"for {sources} reward sources (reward.model, each of reward.functions, reward.judge_url)")
 
 
 @dataclasses.dataclass(frozen=True)

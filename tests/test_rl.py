@@ -4,8 +4,10 @@ sequential updates, tiny policies learning a rule reward with their KL bounded, 
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
 import math
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import pytest
 
 from jaxllm.config import Config, DataConfig, ModelConfig, OptimConfig, RewardConfig, RLConfig, TrainConfig
 from jaxllm.metrics import read_metrics
+from jaxllm.objectives.rl_rewards import RewardSources, parse_rating
 from jaxllm.objectives.rl import (gae, group_advantages, k3_kl, multi_pass_train_step, policy_loss_sums,
                                   ppo_rewards, rl_loss, rows_of, value_loss_sums, whiten)
 from jaxllm.trainer import train
@@ -225,3 +228,42 @@ def test_rl_resumes_exactly_mid_run(tmp_path, prompts_file, base_checkpoint):
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     # the logged lr is the schedule's at each step's last update: update 3 of a 6-update warmup, then the peak
     assert [x[3] for x in losses(tmp_path / "straight")] == pytest.approx([1e-2 * 3 / 6, 1e-2, 1e-2, 1e-2])
+
+
+class _Judge(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint standing in for a judge model: 9 for an answer with 好, "2/10" for
+    one without, no rating for an empty one."""
+    requests: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Judge.requests.append(body)
+        answer = body["messages"][-1]["content"].split("[Answer]\n", 1)[1]
+        reply = "9" if "好" in answer else "Rating: 2/10" if answer else "I cannot rate this."
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply},
+                                        "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_judge_endpoint_and_functions_combine_with_weights_each_reported():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = Config(reward=RewardConfig(functions=("test_rl:low_ids",), weights=(2.0, 0.5),
+                                         judge_url=f"http://127.0.0.1:{server.server_port}/v1", judge_model="j"))
+        cfg.reward.validate()
+        total, each = RewardSources(cfg)(["问", "问", "问"], ["很好", "一般", ""], [[5, 70], [70], []], {})
+    finally:
+        server.shutdown()
+    np.testing.assert_allclose(each["judge"], [0.9, 0.2, 0.0])          # the empty answer's reply has no rating
+    np.testing.assert_allclose(each["low_ids"], [0.5, 0.0, 0.0])
+    np.testing.assert_allclose(total, 2.0 * each["low_ids"] + 0.5 * each["judge"])
+    assert {r["model"] for r in _Judge.requests} == {"j"} and all(r["temperature"] == 0 for r in _Judge.requests)
+    assert parse_rating("8/10") == 8 and parse_rating("Rating: 7.5") == 7.5 and parse_rating("11") is None

@@ -24,12 +24,11 @@ the ratio is 1 in value and the clip only matters through its gradient, as in GR
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +44,7 @@ from jaxllm.model.heads import reward_model_specs
 from jaxllm.model.spec import init_from_specs, param_specs
 from jaxllm.model.transformer import hidden_states, logits_from_hidden
 from jaxllm.objectives import Objective
+from jaxllm.objectives.rl_rewards import RewardSources
 
 HEADS = ("reward_head", "value_head")   # entries of a checkpoint that are not the language model
 
@@ -195,60 +195,6 @@ eval_step = _eval_step
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rewards.
-
-class RewardSources:
-    """Every configured reward, each a function (prompts, completions, completion_ids, **fields) -> (n,)."""
-
-    def __init__(self, cfg: Config):
-        self.sources: dict[str, Callable] = {}
-        if cfg.reward.model:
-            self.sources["reward_model"] = reward_model_scorer(cfg.reward.model, cfg)
-        for name in cfg.reward.functions:
-            self.sources[name.rsplit(":", 1)[1]] = import_function(name)
-        if not self.sources:
-            raise ConfigError("objective 'rl' needs a reward: --config.reward.model=<reward run> and/or "
-                              "--config.reward.functions=\"('module:function',)\"")
-        self.weights = dict(zip(self.sources, cfg.reward.weights or [1.0] * len(self.sources)))
-
-    def __call__(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
-                 fields: dict[str, list]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(the weighted sum, each source's rewards)."""
-        each = {}
-        for name, fn in self.sources.items():
-            values = np.asarray(fn(prompts, completions, completion_ids=completion_ids, **fields), np.float32)
-            if values.shape != (len(completions),):
-                raise ValueError(f"reward {name!r} returned shape {values.shape} for {len(completions)} completions")
-            each[name] = values
-        total = sum(self.weights[name] * values for name, values in each.items())
-        return np.asarray(total, np.float32), each
-
-
-def import_function(name: str) -> Callable:
-    module, _, attr = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward.functions: cannot import {name!r} ({e})") from None
-
-
-def reward_model_scorer(path: str, cfg: Config) -> Callable:
-    """A jaxllm reward model (its own tokenizer and chat template) scoring completions in this process."""
-    from jaxllm.inference import load_for_inference
-    from jaxllm.objectives.reward import score
-    model = load_for_inference(path)
-    if "reward_head" not in model.params:
-        raise ConfigError(f"reward.model={path} is not a reward model (no reward_head); train one with "
-                          f"configs/reward.py")
-    template = model.template or "chat"
-
-    def rewards(prompts, completions, **_):
-        return score(model.params, model.cfg, model.tokenizer, prompts, completions, template=template,
-                     seq_len=cfg.data.seq_len)
-    return rewards
-
-
-# ----------------------------------------------------------------------------------------------------
 # Prompts and rollouts.
 
 class PromptBatches:
@@ -367,6 +313,8 @@ class Rollouts:
                       "rollout/advantage_abs_mean": float(np.abs(batch["advantage"][on]).mean()),
                       "rollout/response_length": float(lengths.mean()),
                       "rollout/tokens_per_s": float(lengths.sum() / max(sample_s, 1e-9)),   # sampling only
+                      # sampling, scoring and the old / reference log-probabilities: the step's rollout part
+                      "rollout/seconds": time.perf_counter() - t0,
                       **{f"rollout/reward_{k}_mean": float(v.mean()) for k, v in each.items()},
                       **{f"rollout/reward_{k}_std": float(v.std()) for k, v in each.items()}}
         if ppo:
