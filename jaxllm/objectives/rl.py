@@ -5,8 +5,9 @@ Each step (`Rollouts.__call__`, the trainer's rollout hook, before the train ste
   1. G completions of each prompt from the current parameters with the project's KV-cache generator (jitted,
      temperature / top-p, stop at the template's end marker or max_new_tokens); randomness from the step and
      process, so a resumed run samples exactly what it would have.
-  2. Rewards per completion from each source: a jaxllm reward model (reward.model, scored in this process) and
-     Python functions (reward.functions, "module:function"); combined with reward.weights, each logged.
+  2. Rewards per completion from each source (rl_rewards.py): a jaxllm reward model (reward.model, scored in
+     this process), Python functions (reward.functions, "module:function") and an OpenAI-compatible judge
+     (reward.judge_url); combined with reward.weights, each logged.
   3. Per-token log-probabilities of the sampled tokens under the rollout parameters ("old", before the update)
      and the reference (init_from, or with LoRA the frozen base: steps.reference_params), from one forward pass
      each with the training forward's numerics; PPO also records the value head's predictions.
