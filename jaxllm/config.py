@@ -238,21 +238,25 @@ class RewardConfig:
     # Rewards of RL (objective "rl"): a jaxllm reward model and/or Python functions, combined with weights.
     model: str = ""                 # a reward-model checkpoint (runs/reward) scoring (prompt, completion)
     functions: tuple = ()           # "module:function" names, f(prompts, completions, completion_ids) -> floats
-    weights: tuple = ()             # one per source, the model first, then the functions; empty = all 1
+    judge_url: str = ""             # an OpenAI-compatible endpoint (http://host:port/v1) rating completions 0-10
+    judge_model: str = "judge"      # the model name sent to it
+    weights: tuple = ()             # one per source: the model, each function, the judge; empty = all 1
 
     def validate(self, where: str = "reward") -> None:
         _check(self.center >= 0, f"{where}.center must be >= 0")
         bad = [f for f in self.functions if not isinstance(f, str) or ":" not in f]
         _check(not bad, f"{where}.functions must be 'module:function' names, got {bad}")
-        sources = int(bool(self.model)) + len(self.functions)
+        sources = int(bool(self.model)) + len(self.functions) + int(bool(self.judge_url))
         _check(not self.weights or len(self.weights) == sources, f"{where}.weights: {len(self.weights)} weights "
-               f"for {sources} reward sources (reward.model, then each of reward.functions)")
+               f"for {sources} reward sources (reward.model, each of reward.functions, reward.judge_url)")
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """GRPO (objective "rl"): G samples per prompt from the current policy, rewards normalised within each
-    group, a clipped policy-gradient loss and a k3 KL to the reference (the init_from model)."""
+    """Objective "rl". GRPO: G samples per prompt from the current policy, rewards normalised within each
+    group, a clipped policy-gradient loss and a k3 KL to the reference (the init_from model). PPO: a value head
+    on the policy, per-token rewards (the score at the last token, a KL penalty at every token) and GAE."""
+    algorithm: str = "grpo"         # "grpo" or "ppo"
     group_size: int = 4             # G completions per prompt; train.batch_size counts completions (rows)
     max_new_tokens: int = 64        # completion length budget; prompts are cut from the left to fit seq_len
     temperature: float = 1.0        # sampling temperature of the rollouts
@@ -265,9 +269,24 @@ class RLConfig:
                                     # constant max_new_tokens (Dr. GRPO)
     scale_rewards: bool = True      # divide advantages by the group's std (Dr. GRPO: False)
     eval_prompts: int = 32          # held-out prompts completed and scored at each evaluation
+    # Several optimisation passes over one batch of rollouts: each train step makes epochs x minibatches
+    # optimizer updates (optim.warmup_steps / decay_steps count updates), the ratio measured against the
+    # policy that sampled.
+    epochs: int = 1                 # mu: passes over each batch of rollouts
+    minibatches: int = 1            # each pass updates on this many consecutive slices of the batch
+    # PPO only (algorithm="ppo"): beta is then the per-token KL penalty in the reward, not a loss term.
+    gamma: float = 1.0              # discount of GAE
+    lam: float = 0.95               # lambda of GAE
+    value_coef: float = 0.1         # weight of the value head's loss
+    value_clip: float = 0.2         # the value prediction moves at most this far from the rollout's value
 
     def validate(self, where: str = "rl") -> None:
-        _check(self.group_size >= 2, f"{where}.group_size must be >= 2 (advantages compare samples of a prompt)")
+        _check(self.algorithm in ("grpo", "ppo"), f"{where}.algorithm must be grpo or ppo, got {self.algorithm!r}")
+        _check(self.group_size >= (2 if self.algorithm == "grpo" else 1), f"{where}.group_size must be >= 2 for "
+               f"grpo (advantages compare samples of a prompt), >= 1 for ppo")
+        _check(self.epochs >= 1 and self.minibatches >= 1, f"{where}.epochs and minibatches must be >= 1")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"{where}.gamma and lam must be in [0, 1]")
+        _check(self.value_coef >= 0 and self.value_clip >= 0, f"{where}.value_coef and value_clip must be >= 0")
         _check(self.max_new_tokens >= 1, f"{where}.max_new_tokens must be >= 1")
         _check(self.temperature > 0, f"{where}.temperature must be > 0 (rollouts sample)")
         _check(0 < self.top_p <= 1, f"{where}.top_p must be in (0, 1]")

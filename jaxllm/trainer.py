@@ -136,7 +136,7 @@ def train(cfg: Config) -> dict:
                                 process_index=jax.process_index(), process_count=nproc)
 
     # 2) Optimizer, shardings, the objective's jitted steps.
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    tx = make_optimizer(cfg.optim, cfg.train.steps * objective.updates_per_step)
     specs = trained_specs(cfg, objective)
     abstract, state_sh = state_shardings(specs, tx, mesh, rules)
     layout = objective.batch_layout() if objective.batch_layout else _peek(objective.train_batches)
@@ -241,7 +241,8 @@ class TrainLoop:
         metrics, state)."""
         cfg, train_cfg, batches = self.cfg, self.cfg.train, self.objective.train_batches
         progress = Progress(train_cfg.steps, start)
-        schedule = lr_schedule(cfg.optim, train_cfg.steps)
+        updates = self.objective.updates_per_step   # optimizer updates per step: the schedule counts these
+        schedule = lr_schedule(cfg.optim, train_cfg.steps * updates)
         peak = train_cfg.peak_tflops or device_peak_tflops()
         last: dict = {}
         t_last, step_last, step = time.time(), start, start
@@ -268,7 +269,7 @@ class TrainLoop:
                 tokens_per_s = (step - step_last) * math.prod(tokens_shape) / max(elapsed, 1e-9)
                 step_last = step
                 last = {f"train/{k}": float(v) for k, v in m.items() if k not in ("count", "grad_norm")}
-                last.update(grad_norm=float(m["grad_norm"]), lr=float(schedule(step - 1)),
+                last.update(grad_norm=float(m["grad_norm"]), lr=float(schedule(step * updates - 1)),
                             tokens_per_s=tokens_per_s,
                             mfu=mfu(tokens_per_s, flops_per_token(cfg.model, tokens_shape[-1]), jax.device_count(),
                                     peak),

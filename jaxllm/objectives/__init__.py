@@ -44,6 +44,9 @@ class Objective:
     # batch_layout() is then a host batch of train_step's layout (zeros), which fixes the batch shardings.
     rollout: Callable[..., dict] | None = None
     batch_layout: Callable[[], dict] | None = None
+    # Optimizer updates one train_step makes (rl: several passes over a batch of rollouts); the learning-rate
+    # schedule runs over train.steps x updates_per_step updates.
+    updates_per_step: int = 1
 
 
 def objective_module(name: str):

@@ -1,31 +1,35 @@
 """Reinforcement learning from rewards on the policy's own samples: GRPO (Shao et al. 2024), with the DAPO and
-Dr. GRPO variants as options.
+Dr. GRPO variants as options, and PPO (Schulman et al. 2017, as RLHF uses it) with a value head and GAE.
 
 Each step (`Rollouts.__call__`, the trainer's rollout hook, before the train step):
   1. G completions of each prompt from the current parameters with the project's KV-cache generator (jitted,
      temperature / top-p, stop at the template's end marker or max_new_tokens); randomness from the step and
      process, so a resumed run samples exactly what it would have.
-  2. Rewards per completion from each source: a jaxllm reward model (reward.model, scored in this process) and
-     Python functions (reward.functions, "module:function"); combined with reward.weights, each logged.
-  3. Advantages normalised within each prompt's group: (r - mean) / std (rl.scale_rewards=False: r - mean).
-  4. Per-token log-probabilities of the sampled tokens under the rollout parameters ("old", before the update)
+  2. Rewards per completion from each source (rl_rewards.py): a jaxllm reward model (reward.model, scored in
+     this process), Python functions (reward.functions, "module:function") and an OpenAI-compatible judge
+     (reward.judge_url); combined with reward.weights, each logged.
+  3. Per-token log-probabilities of the sampled tokens under the rollout parameters ("old", before the update)
      and the reference (init_from, or with LoRA the frozen base: steps.reference_params), from one forward pass
-     each with the training forward's numerics.
-The loss (`grpo_loss`, the shared train step's) per completion token t:
+     each with the training forward's numerics; PPO also records the value head's predictions.
+  4. Advantages, per completion token. GRPO: the completion's reward normalised within its prompt's group,
+     (r - mean) / std (rl.scale_rewards=False: r - mean). PPO: GAE (rl.gamma, rl.lam) over per-token rewards
+     (the score at the last token, -beta·(old_logp - ref_logp) at every token), whitened over the batch.
+The loss (`rl_loss`) per completion token t:
     -min(ratio·A, clip(ratio, 1 - clip_low, 1 + clip_high)·A) + beta · k3,    ratio = exp(logp - old_logp),
     k3 = exp(ref - logp) - (ref - logp) - 1  (Schulman's unbiased, always >= 0 estimate of KL(policy || ref)),
-aggregated per rl.aggregation (token / sequence / dr_grpo). With one update per rollout batch the ratio is 1 in
-value and the clip only matters through its gradient, as in GRPO's usual single-pass setting.
+aggregated per rl.aggregation (token / sequence / dr_grpo). PPO has its KL in the reward instead (beta = 0
+here) and adds value_coef x the clipped value loss. A train step makes rl.epochs passes over the rollout batch
+in rl.minibatches slices (`multi_pass_train_step`, each update the shared steps.train_step); with one update
+the ratio is 1 in value and the clip only matters through its gradient, as in GRPO's usual single-pass setting.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,12 +41,13 @@ from jaxllm.data import split_heldout
 from jaxllm.data.formats import load_prompts
 from jaxllm.data.templates import encode_prompt, run_template, stop_markers
 from jaxllm.model.generate import SamplingParams, generate
-from jaxllm.model.spec import param_specs
-from jaxllm.model.transformer import forward
+from jaxllm.model.heads import reward_model_specs
+from jaxllm.model.spec import init_from_specs, param_specs
+from jaxllm.model.transformer import hidden_states, logits_from_hidden
 from jaxllm.objectives import Objective
+from jaxllm.objectives.rl_rewards import RewardSources
 
-ROLLOUT_ARRAYS = ("old_logp", "ref_logp", "advantage")
-
+HEADS = ("reward_head", "value_head")   # entries of a checkpoint that are not the language model
 
 # ----------------------------------------------------------------------------------------------------
 # The loss.
@@ -51,6 +56,38 @@ def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     """Per-token estimate of KL(policy || reference) from the sampled token's log-probabilities."""
     d = ref_logp - logp
     return jnp.exp(d) - d - 1.0
+
+
+def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float, lam: float):
+    """Generalised advantage estimation over each row's completion positions (mask, contiguous per row), all
+    (rows, length): delta_t = r_t + gamma·V_{t+1} - V_t (V after the last token = 0),
+    A_t = delta_t + gamma·lam·A_{t+1}. Returns (advantages, returns = A + V), zero off the mask."""
+    rows, length = mask.shape
+    advantages = np.zeros((rows, length), np.float64)
+    next_value, running = np.zeros(rows), np.zeros(rows)
+    for t in reversed(range(length)):
+        on = mask[:, t] > 0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = np.where(on, delta + gamma * lam * running, 0.0)
+        next_value = np.where(on, values[:, t], 0.0)
+        advantages[:, t] = running
+    return advantages.astype(np.float32), ((advantages + values) * mask).astype(np.float32)
+
+
+def ppo_rewards(scores: np.ndarray, old_logp: np.ndarray, ref_logp: np.ndarray, mask: np.ndarray,
+                beta: float) -> np.ndarray:
+    """Per-token rewards of PPO from RLHF (Ziegler et al. 2019): -beta·(old_logp - ref_logp) at every
+    completion token (the KL penalty), plus each completion's score at its last token. (rows, length)."""
+    rewards = -beta * (old_logp - ref_logp) * mask
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1] > 0, axis=1)              # (rows,) last completion position
+    rewards[np.arange(len(scores)), last] += scores
+    return rewards
+
+
+def whiten(x: np.ndarray, mask: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """x normalised to mean 0, std 1 over the masked entries; zero off the mask."""
+    on = mask > 0
+    return np.where(on, (x - x[on].mean()) / (x[on].std() + eps), 0.0).astype(np.float32)
 
 
 def group_advantages(rewards: np.ndarray, group_size: int, scale: bool = True, eps: float = 1e-4) -> np.ndarray:
@@ -62,14 +99,18 @@ def group_advantages(rewards: np.ndarray, group_size: int, scale: bool = True, e
     return a.reshape(-1).astype(np.float32)
 
 
-def token_logprobs(params, batch: dict, cfg: ModelConfig, with_entropy: bool = False):
-    """log p(target) at every position (rows, length); with_entropy also the policy's entropy there."""
-    logits = forward(params, batch["tokens"], cfg, segment_ids=batch["segment_ids"], positions=batch["positions"])
-    logp_all = jax.nn.log_softmax(logits, axis=-1)                              # (rows, length, vocab)
+def policy_outputs(params, batch: dict, cfg: ModelConfig, with_values: bool = False):
+    """(log p(target), the policy's entropy, the value head's prediction or None) at every position, each
+    (rows, length) float32, from one forward pass."""
+    h = hidden_states(params, batch["tokens"], cfg, batch["segment_ids"], batch["positions"])  # (rows, length, embed)
+    logp_all = jax.nn.log_softmax(logits_from_hidden(params, h, cfg), axis=-1)       # (rows, length, vocab)
     logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]   # (rows, length)
-    if not with_entropy:
-        return logp
-    return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    if not with_values:
+        return logp, entropy, None
+    head = params["value_head"]
+    values = jnp.einsum("rld,d->rl", h.astype(jnp.float32), head["kernel"].astype(jnp.float32))   # (rows, length)
+    return logp, entropy, values + head["bias"].astype(jnp.float32)
 
 
 def _aggregate(per_token: jax.Array, mask: jax.Array, how: str, max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
@@ -86,10 +127,11 @@ def _aggregate(per_token: jax.Array, mask: jax.Array, how: str, max_new_tokens: 
 def policy_loss_sums(logp, entropy, batch: dict, *, beta: float, clip_low: float, clip_high: float,
                      aggregation: str, max_new_tokens: int) -> tuple[jax.Array, dict]:
     """The clipped policy-gradient loss with a k3 KL penalty over the completion tokens (batch["loss_mask"]),
-    from the policy's log-probabilities of the sampled tokens (rows, length): (loss sum, sums incl. count)."""
+    from the policy's log-probabilities of the sampled tokens (rows, length) and per-token advantages
+    batch["advantage"] (rows, length): (loss sum, sums incl. count)."""
     mask = batch["loss_mask"]
     ratio = jnp.exp(logp - batch["old_logp"])
-    advantage = batch["advantage"][:, None]                                      # (rows, 1)
+    advantage = batch["advantage"]
     clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = -jnp.minimum(ratio * advantage, clipped * advantage)
     kl = k3_kl(logp, batch["ref_logp"])
@@ -100,69 +142,57 @@ def policy_loss_sums(logp, entropy, batch: dict, *, beta: float, clip_low: float
     return loss, sums
 
 
-def grpo_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, **settings):
+def value_loss_sums(values, batch: dict, *, value_clip: float, aggregation: str,
+                    max_new_tokens: int) -> tuple[jax.Array, dict]:
+    """PPO's clipped value loss 0.5·max((V - R)², (V_old + clip(V - V_old, ±value_clip) - R)²) over the
+    completion tokens, weighted as the policy loss is: (loss sum, sums)."""
+    mask, old, returns = batch["loss_mask"], batch["old_values"], batch["returns"]
+    clipped = old + jnp.clip(values - old, -value_clip, value_clip)
+    per_token = 0.5 * jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns))
+    mean = lambda x: _aggregate(x, mask, aggregation, max_new_tokens)[0]  # noqa: E731
+    loss = mean(per_token)
+    return loss, {"value_loss": loss, "value_clip_fraction": mean((values != clipped).astype(jnp.float32))}
+
+
+def rl_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, value_coef: float = 0.0,
+            value_clip: float = 0.2, **settings):
     """policy_loss_sums of the policy `params` on a rollout batch (settings: beta, clip_low, clip_high,
-    aggregation, max_new_tokens)."""
-    logp, entropy = token_logprobs(params, batch, model_cfg, with_entropy=True)  # (rows, length) each
-    return policy_loss_sums(logp, entropy, batch, **settings)
+    aggregation, max_new_tokens); with value_coef > 0 (PPO) plus value_coef x its value head's loss."""
+    logp, entropy, values = policy_outputs(params, batch, model_cfg, with_values=value_coef > 0)
+    loss, sums = policy_loss_sums(logp, entropy, batch, **settings)
+    if value_coef > 0:
+        v_loss, v_sums = value_loss_sums(values, batch, value_clip=value_clip, aggregation=settings["aggregation"],
+                                         max_new_tokens=settings["max_new_tokens"])
+        loss = loss + value_coef * v_loss
+        sums.update(v_sums, loss=loss)
+    return loss, sums
 
 
-train_step = functools.partial(steps.train_step, loss_fn=grpo_loss)
-eval_step = functools.partial(steps.eval_step, loss_fn=grpo_loss)
+def multi_pass_train_step(state: dict, batch: dict, frozen=None, *, loss_fn, epochs: int = 1, minibatches: int = 1,
+                          **step_settings):
+    """`epochs` passes over one batch of rollouts, each pass one `steps.train_step` per consecutive slice
+    (`minibatches` of them): epochs x minibatches optimizer updates, the ratio always against the rollout's
+    old_logp. Metrics are the mean over the updates; state["step"] counts train steps (rollout batches), the
+    optimizer's own count the updates."""
+    update = functools.partial(steps.train_step, loss_fn=loss_fn, **step_settings)
+    if epochs * minibatches == 1:
+        return update(state, batch, frozen)
+    # (rows, ...) -> (minibatches, rows / minibatches, ...)
+    slices = jax.tree.map(lambda x: x.reshape(minibatches, x.shape[0] // minibatches, *x.shape[1:]), batch)
+
+    def one_pass(st, _):
+        return jax.lax.scan(lambda s, mb: update(s, mb, frozen), st, slices)
+
+    new, metrics = jax.lax.scan(one_pass, state, None, length=epochs)           # metrics (epochs, minibatches)
+    return {**new, "step": state["step"] + 1}, jax.tree.map(jnp.mean, metrics)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Rewards.
-
-class RewardSources:
-    """Every configured reward, each a function (prompts, completions, completion_ids, **fields) -> (n,)."""
-
-    def __init__(self, cfg: Config):
-        self.sources: dict[str, Callable] = {}
-        if cfg.reward.model:
-            self.sources["reward_model"] = reward_model_scorer(cfg.reward.model, cfg)
-        for name in cfg.reward.functions:
-            self.sources[name.rsplit(":", 1)[1]] = import_function(name)
-        if not self.sources:
-            raise ConfigError("objective 'rl' needs a reward: --config.reward.model=<reward run> and/or "
-                              "--config.reward.functions=\"('module:function',)\"")
-        self.weights = dict(zip(self.sources, cfg.reward.weights or [1.0] * len(self.sources)))
-
-    def __call__(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
-                 fields: dict[str, list]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(the weighted sum, each source's rewards)."""
-        each = {}
-        for name, fn in self.sources.items():
-            values = np.asarray(fn(prompts, completions, completion_ids=completion_ids, **fields), np.float32)
-            if values.shape != (len(completions),):
-                raise ValueError(f"reward {name!r} returned shape {values.shape} for {len(completions)} completions")
-            each[name] = values
-        total = sum(self.weights[name] * values for name, values in each.items())
-        return np.asarray(total, np.float32), each
+def _eval_step(params, batch, frozen=None, *, epochs=1, minibatches=1, **settings):   # passes: training only
+    return steps.eval_step(params, batch, frozen, loss_fn=rl_loss, **settings)
 
 
-def import_function(name: str) -> Callable:
-    module, _, attr = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward.functions: cannot import {name!r} ({e})") from None
-
-
-def reward_model_scorer(path: str, cfg: Config) -> Callable:
-    """A jaxllm reward model (its own tokenizer and chat template) scoring completions in this process."""
-    from jaxllm.inference import load_for_inference
-    from jaxllm.objectives.reward import score
-    model = load_for_inference(path)
-    if "reward_head" not in model.params:
-        raise ConfigError(f"reward.model={path} is not a reward model (no reward_head); train one with "
-                          f"configs/reward.py")
-    template = model.template or "chat"
-
-    def rewards(prompts, completions, **_):
-        return score(model.params, model.cfg, model.tokenizer, prompts, completions, template=template,
-                     seq_len=cfg.data.seq_len)
-    return rewards
+train_step = functools.partial(multi_pass_train_step, loss_fn=rl_loss)
+eval_step = _eval_step
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,9 +233,10 @@ class PromptBatches:
         self.state = {"epoch": int(state["epoch"]), "position": int(state["position"])}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _logprobs(params, batch, cfg):
-    return token_logprobs(params, batch, cfg)
+@functools.partial(jax.jit, static_argnames=("cfg", "with_values"))
+def _logprobs_values(params, batch, cfg, with_values):
+    logp, _, values = policy_outputs(params, batch, cfg, with_values)   # the entropy is not computed (unused)
+    return logp, values
 
 
 def rows_of(prompts: Sequence[list[int]], completions: Sequence[list[int]], seq_len: int) -> dict:
@@ -260,25 +291,45 @@ class Rollouts:
         sample_s = time.perf_counter() - t0
         total, each = self.score(indices, g, texts, completions)
         batch = rows_of(prompts, completions, self.cfg.data.seq_len)
-        batch["advantage"] = group_advantages(total, g, rl.scale_rewards)
+        ppo = rl.algorithm == "ppo"
         device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        batch["old_logp"] = np.asarray(_logprobs(params, device_batch, cfg=self.cfg.model))
-        batch["ref_logp"] = np.asarray(_logprobs(steps.reference_params(frozen), device_batch, cfg=self.cfg.model))
+        old_logp, old_values = _logprobs_values(params, device_batch, cfg=self.cfg.model, with_values=ppo)
+        # The reference: init_from, or with LoRA the frozen base (steps.reference_params).
+        ref_logp, _ = _logprobs_values(steps.reference_params(frozen), device_batch, cfg=self.cfg.model,
+                                       with_values=False)
+        batch["old_logp"], batch["ref_logp"] = np.asarray(old_logp), np.asarray(ref_logp)
+        mask = batch["loss_mask"]
+        if ppo:   # per-token rewards, GAE from the value head, advantages whitened over the batch's tokens
+            rewards = ppo_rewards(total, batch["old_logp"], batch["ref_logp"], mask, rl.beta)
+            batch["old_values"] = np.asarray(old_values) * mask
+            advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, rl.gamma, rl.lam)
+            batch["advantage"] = whiten(advantages, mask)
+        else:     # one advantage per completion, normalised within its prompt's group, on each of its tokens
+            batch["advantage"] = group_advantages(total, g, rl.scale_rewards)[:, None] * mask   # (rows, length)
+        on = mask > 0
         lengths = np.asarray([len(c) for c in completions])
+        raw = advantages[on] if ppo else batch["advantage"][on]
         self.stats = {"rollout/reward_mean": float(total.mean()), "rollout/reward_std": float(total.std()),
-                      "rollout/advantage_abs_mean": float(np.abs(batch["advantage"]).mean()),
+                      "rollout/advantage_mean": float(raw.mean()), "rollout/advantage_std": float(raw.std()),
+                      "rollout/advantage_abs_mean": float(np.abs(batch["advantage"][on]).mean()),
                       "rollout/response_length": float(lengths.mean()),
                       "rollout/tokens_per_s": float(lengths.sum() / max(sample_s, 1e-9)),   # sampling only
+                      # sampling, scoring and the old / reference log-probabilities: the step's rollout part
+                      "rollout/seconds": time.perf_counter() - t0,
                       **{f"rollout/reward_{k}_mean": float(v.mean()) for k, v in each.items()},
                       **{f"rollout/reward_{k}_std": float(v.std()) for k, v in each.items()}}
+        if ppo:
+            self.stats.update({"rollout/value_mean": float(batch["old_values"][on].mean()),
+                               "rollout/return_mean": float(batch["returns"][on].mean())})
         return batch
 
     def layout(self) -> dict:
         """A batch of __call__'s layout (zeros): this process's rows."""
-        n = self.cfg.train.batch_size // jax.process_count()
-        batch = rows_of([[0]] * n, [[0]] * n, self.cfg.data.seq_len)
-        batch.update(old_logp=np.zeros((n, self.cfg.data.seq_len), np.float32),
-                     ref_logp=np.zeros((n, self.cfg.data.seq_len), np.float32), advantage=np.zeros((n,), np.float32))
+        n, length = self.cfg.train.batch_size // jax.process_count(), self.cfg.data.seq_len
+        batch = rows_of([[0]] * n, [[0]] * n, length)
+        per_token = ("old_logp", "ref_logp", "advantage") + (("old_values", "returns")
+                                                             if self.cfg.rl.algorithm == "ppo" else ())
+        batch.update({k: np.zeros((n, length), np.float32) for k in per_token})
         return batch
 
 
@@ -333,6 +384,11 @@ def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: in
     if cfg.train.batch_size % (rl.group_size * process_count):
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) counts completions: it must be a multiple "
                           f"of rl.group_size ({rl.group_size}) x processes ({process_count})")
+    rows = cfg.train.batch_size // process_count
+    if rows % rl.minibatches or (rows // rl.minibatches) % cfg.optim.grad_accum_steps:
+        raise ConfigError(f"rl.minibatches ({rl.minibatches}) must divide each process's {rows} rows of "
+                          f"train.batch_size into slices that optim.grad_accum_steps ({cfg.optim.grad_accum_steps}) "
+                          f"divides")
     if not cfg.data.train:
         raise ConfigError("objective 'rl' needs prompt files: --config.data.train=<prompts.jsonl>")
     records = load_prompts(cfg.data.train, on_error=cfg.data.on_error)
@@ -351,19 +407,33 @@ def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: in
     ids = [x[-budget:] for x in ids]
     stop_ids, _ = stop_markers(template, tokenizer)
     rollouts = Rollouts(cfg, prompts, ids, tokenizer, RewardSources(cfg), stop_ids, process_index)
-    reference_from_init = not cfg.lora.rank   # with LoRA the frozen base is the reference (the trainer's)
+    # THE REFERENCE (one place): the init_from model; with LoRA the trainer's frozen base, read without adapters
+    # (steps.reference_params), so the weights are not held twice.
     frozen = {}
-    if reference_from_init:
+    if not cfg.lora.rank:
         from jaxllm import sharding
         from jaxllm.checkpoint import load_params_on_mesh
         reference, _, _ = load_params_on_mesh(cfg.init_from, sharding.make_mesh(cfg.mesh), cfg.mesh.rules)
-        frozen = {"reference": {k: v for k, v in reference.items() if k != "reward_head"}}
+        frozen = {"reference": {k: v for k, v in reference.items() if k not in HEADS}}
     held = list(range(len(train_records), len(prompts)))[:rl.eval_prompts]
+    ppo = rl.algorithm == "ppo"
+    specs = param_specs(cfg.model)
+    if ppo:   # a scalar value head on the policy's hidden states, shaped like a reward model's head
+        specs["value_head"] = reward_model_specs(cfg.model)["reward_head"]
+
+    def extend(params, key):   # init_from's decoder (a reward head dropped) and, for PPO, a fresh value head
+        params = {k: v for k, v in params.items() if k in specs}
+        if ppo and "value_head" not in params:
+            params["value_head"] = init_from_specs({"value_head": specs["value_head"]}, key)["value_head"]
+        return params
+
     return Objective(
         train_step=train_step, eval_step=eval_step,
-        loss_settings=dict(model_cfg=cfg.model, beta=rl.beta, clip_low=rl.clip_low, clip_high=rl.clip_high,
-                           aggregation=rl.aggregation, max_new_tokens=rl.max_new_tokens),
-        specs=param_specs(cfg.model),
+        loss_settings=dict(model_cfg=cfg.model, beta=0.0 if ppo else rl.beta, clip_low=rl.clip_low,
+                           clip_high=rl.clip_high, aggregation=rl.aggregation, max_new_tokens=rl.max_new_tokens,
+                           value_coef=rl.value_coef if ppo else 0.0, value_clip=rl.value_clip,
+                           epochs=rl.epochs, minibatches=rl.minibatches),
+        specs=specs, extend_params=extend, updates_per_step=rl.epochs * rl.minibatches,
         train_batches=PromptBatches(len(train_records), cfg.train.batch_size // rl.group_size, cfg.train.seed,
                                     process_index, process_count),
         eval_batches=lambda: iter(()), report=lambda sums: {},
