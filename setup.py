@@ -30,12 +30,15 @@ EXTRAS = {
     # this workplace keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
     "hf": ["torch==2.13.0", "transformers>=4.45", "peft>=0.13"],   # peft: LoRA adapter exports load in it
     "test": ["pytest>=8", "snownlp>=0.12", "openai>=1.0",  # openai: the official client talks to `jaxllm serve`
-             "pyarrow>=14", "tensorflow-datasets>=4.9.4", "apache-beam>=2.60"],  # the data tests run in CI
+             "pyarrow>=14", "tensorflow-datasets>=4.9.4", "apache-beam>=2.60",  # the data tests run in CI
+             "moto[server]>=5.0", "s3fs>=2024.6"],  # a real S3 server on loopback for s3:// workdirs and data
     # Data sources beyond text files: Parquet, and TFDS through tfds.data_source (TensorFlow is not needed).
     "data": ["pyarrow>=14", "tensorflow-datasets>=4.9.4"],
     # `jaxllm data clean --runner=<Beam runner>`; Beam 2.77 pins protobuf<7 and pyarrow<26, which the core
     # stack (grain, orbax, tensorboardX) accepts.
     "beam": ["apache-beam>=2.60"],
+    # gs:// and s3:// workdirs and data through etils.epath (fsspec backends); Orbax writes arrays natively.
+    "cloud": ["gcsfs>=2024.6", "s3fs>=2024.6"],
     # --config.log.wandb=<project>: metrics to Weights & Biases too (imported only when asked for).
     "wandb": ["wandb>=0.17"],
 }

@@ -35,3 +35,41 @@ def tokenizer_path(english_corpus, tmp_path_factory) -> str:
     from jaxllm.tokenizer import train_tokenizer
     out = tmp_path_factory.mktemp("tok")
     return train_tokenizer(input_files=[str(english_corpus)], out_dir=str(out), vocab_size=512).path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 server (moto's) on 127.0.0.1, as a user points jaxllm at MinIO or any S3-compatible store:
+    through the standard AWS_ENDPOINT_URL and credential variables, which boto3, s3fs and TensorStore read.
+    Yields the endpoint URL; subprocesses started by a test inherit the variables."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request) -> str:
+    """A fresh, empty bucket on the loopback S3 server; returns its URL, "s3://<name>"."""
+    import boto3
+    name = "jaxllm-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    name = name.strip("-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
