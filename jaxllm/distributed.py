@@ -198,6 +198,22 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) global array, on every process."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's host rows (the same shape on each), concatenated in process order, on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
+
+
 def same_count(batches: list[dict]) -> list[dict]:
     """Pads this process's batches with all-zero batches (loss_mask / weight 0: they add nothing to any sum)
     up to the largest count on any process, so every process runs the same number of collective steps."""

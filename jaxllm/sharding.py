@@ -99,6 +99,22 @@ def tree_shardings(mesh: Mesh, rules, logical_tree, abstract_tree):
                         is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x))
 
 
+def put_batch(mesh: Mesh, rules, x) -> jax.Array:
+    """A host array that every process holds whole (the same values everywhere) -> one global array split along
+    its leading (batch) axis; each process places only its own devices' slices."""
+    x = np.asarray(x)
+    s = named_sharding(mesh, rules, ("batch",) + (None,) * (x.ndim - 1), x.shape)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+
+def process_rows(mesh: Mesh, rules, rows: int) -> np.ndarray:
+    """The indices of the global batch's rows that this process's devices hold when a batch of `rows` is split
+    as `put_batch` splits it: the rows its local data must be (jax.make_array_from_process_local_data)."""
+    s = named_sharding(mesh, rules, ("batch",), (rows,))
+    every = np.arange(rows)
+    return np.unique(np.concatenate([every[index[0]] for index in s.addressable_devices_indices_map((rows,)).values()]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -1,6 +1,7 @@
-"""SFT, reward model and DPO on two processes on loopback (4 fake CPU devices each) train exactly like one process
-with 8 devices: the same per-step losses, the same held-out reward-gap distribution (gathered across processes)
-and the same cached DPO reference log-probabilities (each process computes its share)."""
+"""SFT, reward model, DPO and GRPO on two processes on loopback (4 fake CPU devices each) train exactly like one
+process with 8 devices: the same per-step losses, the same held-out reward-gap distribution (gathered across
+processes), the same cached DPO reference log-probabilities (each process computes its share), and the same GRPO
+rollouts (each device group samples its rows of the global batch with keys of the global row) and rewards."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ from jaxllm.tokenizer import train_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "post_training_worker.py"
 OBJECTIVES = ("sft", "reward", "dpo")
+RUNS = OBJECTIVES + ("rl",)
 
 
 def _free_port() -> int:
@@ -44,26 +46,35 @@ def runs(tmp_path_factory):
                              for p, n in zip(pos, neg)), encoding="utf-8")
     sft.write_text("".join(json.dumps({"instruction": prompt, "output": p}, ensure_ascii=False) + "\n" for p in pos),
                    encoding="utf-8")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": prompt + d[:4]}, ensure_ascii=False) + "\n" for d in pos[:24]),
+                       encoding="utf-8")
     tok = train_tokenizer(pos + neg, out_dir=str(root / "tok"), vocab_size=1300, character_coverage=0.98)
     cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_seq_len=64)
     base = save_params(str(root / "base"), init_params(cfg, jax.random.key(0)), cfg, tok.path)
 
     def flags(objective, workdir):
-        data = sft if objective == "sft" else pairs
-        return [f"--config={objective}:model=tiny", f"--config.init_from={base}", f"--config.data.train=('{data}',)",
-                f"--config.workdir={workdir}", "--config.data.seq_len=64", "--config.train.steps=6",
-                "--config.train.batch_size=8", "--config.train.log_every=1", "--config.train.eval_every=3",
-                "--config.train.eval_batches=0", "--config.train.save_every=0", "--config.optim.warmup_steps=2"]
+        data = {"sft": sft, "rl": prompts}.get(objective, pairs)
+        common = [f"--config.init_from={base}", f"--config.data.train=('{data}',)", f"--config.workdir={workdir}",
+                  "--config.data.seq_len=64", "--config.train.batch_size=8", "--config.train.log_every=1",
+                  "--config.train.eval_batches=0", "--config.train.save_every=0"]
+        if objective == "rl":   # GRPO, 2 prompts x G=4 a step, a rule reward; 3 steps, held-out prompts at the end
+            return ["--config=grpo:model=tiny", *common, "--config.train.steps=3", "--config.train.eval_every=3",
+                    "--config.rl.group_size=4", "--config.rl.max_new_tokens=8", "--config.rl.eval_prompts=2",
+                    "--config.reward.functions=('test_rl:low_ids',)", "--config.optim.lr=1e-2",
+                    "--config.optim.warmup_steps=0"]
+        return [f"--config={objective}:model=tiny", *common, "--config.train.steps=6", "--config.train.eval_every=3",
+                "--config.optim.warmup_steps=2"]
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(root / "compile_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     port = _free_port()
-    two = [subprocess.Popen([sys.executable, str(WORKER), json.dumps([flags(o, root / "two" / o) for o in OBJECTIVES])],
+    two = [subprocess.Popen([sys.executable, str(WORKER), json.dumps([flags(o, root / "two" / o) for o in RUNS])],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                                  "JAXLLM_COORDINATOR": f"127.0.0.1:{port}", "JAXLLM_NUM_PROCESSES": "2",
                                  "JAXLLM_PROCESS_ID": str(i)}) for i in range(2)]
-    one = subprocess.run([sys.executable, str(WORKER), json.dumps([flags(o, root / "one" / o) for o in OBJECTIVES])],
+    one = subprocess.run([sys.executable, str(WORKER), json.dumps([flags(o, root / "one" / o) for o in RUNS])],
                          cwd=REPO, capture_output=True, text=True, timeout=400,
                          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     if one.returncode != 0:
@@ -100,3 +111,16 @@ def test_reward_gap_histograms_hold_every_processes_pairs(runs):
         assert a["n"] == b["n"] > 0
         # The same pairs; their order in the global batch follows the processes' lanes.
         np.testing.assert_allclose(sorted(b["gaps"]), sorted(a["gaps"]), rtol=1e-4, atol=1e-5)
+
+
+def test_grpo_on_two_processes_samples_scores_and_trains_like_one_process(runs):
+    """The rollouts are the same completions (their rewards equal), and the losses and KL of every step and the
+    held-out reward at the end equal those of one process with 8 devices."""
+    for key in ("rollout/reward_mean", "rollout/reward_std", "rollout/response_length", "train/loss", "train/kl",
+                "eval/reward"):
+        one, two = _metrics(runs / "one" / "rl", key), _metrics(runs / "two" / "rl", key)
+        assert sorted(one) == sorted(two) and one, (key, one, two)
+        np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5,
+                                   atol=1e-7, err_msg=key)
+    # the policy moved: a test of equal numbers that stood still would prove little
+    assert len(set(_metrics(runs / "one" / "rl", "train/kl").values())) > 1

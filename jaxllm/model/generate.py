@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.distributed import to_host
 from jaxllm.model.padding import bucket_batch, bucket_length, pad_sequences, round_up
 from jaxllm.model.transformer import decode_step, forward, prefill
 
@@ -170,10 +171,16 @@ class _TextTracker:
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
              sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *, tokenizer=None,
-             on_token: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+             on_token: Callable[[int, Completion], None] | None = None,
+             place: Callable[[np.ndarray], jax.Array] | None = None) -> list[Completion]:
     """Continues each prompt (a list of token ids). `sampling` is one SamplingParams for all rows (row i
     then draws with seed (seed, i)) or one per row. With a tokenizer, `Completion.text` is filled and stop
-    strings apply. `on_token(row, completion)` runs after each accepted token (for streaming)."""
+    strings apply. `on_token(row, completion)` runs after each accepted token (for streaming).
+
+    place: params sharded over a mesh, possibly across processes (RL's rollouts on the training mesh). Every
+    process then passes the same prompts (the whole batch); `place` puts each host array of the batch on the
+    mesh split along its leading axis (sharding.put_batch), so each device group computes its rows, and the
+    sampled tokens are gathered to every process, which all run the same loop and stop at the same step."""
     batch = len(prompts)
     if batch == 0:
         return []
@@ -208,6 +215,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                 for p, sp in zip(prompts, per_row)]
     done = [False] * batch
 
+    if place is not None:
+        tokens, seg, pos, next_pos = place(tokens), place(seg), place(pos), place(next_pos)
+        sampling_arrays = {k: place(v) for k, v in sampling_arrays.items()}
     out, cache = prefill_and_sample(params, tokens, seg, pos, sampling_arrays, cfg=cfg, cache_len=cache_len)
     for step in range(max_new):
         # Dispatch the next step before reading this one's tokens: the host bookkeeping below overlaps the
@@ -216,7 +226,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         if step + 1 < max_new and not all(done):
             pending = decode_and_sample(params, cache, out[0], next_pos + step, prompt_len + step, step + 1,
                                         sampling_arrays, cfg=cfg)
-        new_tok, chosen, top_ids, top_lp = (np.asarray(a) for a in out)
+        new_tok, chosen, top_ids, top_lp = (to_host(a) for a in out)
         for i in range(batch):
             if done[i]:
                 continue

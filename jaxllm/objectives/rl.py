@@ -3,14 +3,19 @@ Dr. GRPO variants as options, and PPO (Schulman et al. 2017, as RLHF uses it) wi
 
 Each step (`Rollouts.__call__`, the trainer's rollout hook, before the train step):
   1. G completions of each prompt from the current parameters with the project's KV-cache generator (jitted,
-     temperature / top-p, stop at the template's end marker or max_new_tokens); randomness from the step and
-     process, so a resumed run samples exactly what it would have.
+     temperature / top-p, stop at the template's end marker or max_new_tokens) on the training mesh: the
+     global batch is split over the mesh's batch axes (each device group samples its rows, in one or many
+     processes) and row i of the global batch draws with the key (seed of the step, i), so a resumed run samples
+     exactly what it would have, and 2 processes x 4 devices sample what 1 x 8 does.
   2. Rewards per completion from each source (rl_rewards.py): a jaxllm reward model (reward.model, scored in
      this process), Python functions (reward.functions, "module:function") and an OpenAI-compatible judge
-     (reward.judge_url); combined with reward.weights, each logged.
+     (reward.judge_url); combined with reward.weights, each logged. Each process scores its share of the rows
+     (the judge is asked once per completion); the scores are gathered to every process.
   3. Per-token log-probabilities of the sampled tokens under the rollout parameters ("old", before the update)
      and the reference (init_from, or with LoRA the frozen base: steps.reference_params), from one forward pass
-     each with the training forward's numerics; PPO also records the value head's predictions.
+     each with the training forward's numerics; PPO also records the value head's predictions. Steps 3 and 4
+     see the whole global batch on every process (PPO whitens over all of it); each process then hands the
+     trainer its own rows.
   4. Advantages, per completion token. GRPO: the completion's reward normalised within its prompt's group,
      (r - mean) / std (rl.scale_rewards=False: r - mean). PPO: GAE (rl.gamma, rl.lam) over per-token rewards
      (the score at the last token, -beta·(old_logp - ref_logp) at every token), whitened over the batch.
@@ -35,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import steps
+from jaxllm import distributed, sharding, steps
 from jaxllm.config import Config, ConfigError, ModelConfig
 from jaxllm.data import split_heldout
 from jaxllm.data.formats import load_prompts
@@ -199,13 +204,12 @@ eval_step = _eval_step
 # Prompts and rollouts.
 
 class PromptBatches:
-    """Checkpointable iterator over this process's share of each global batch of prompts: a fresh permutation
-    per epoch from the seed; yields {"prompt": (prompts,) indices into the prompt list}."""
+    """Checkpointable iterator over the global batches of prompts (the same on every process: the rollout splits
+    the rows over the mesh), a fresh permutation per epoch from the seed; yields {"prompt": (prompts,) indices
+    into the prompt list}."""
 
-    def __init__(self, count: int, per_step: int, seed: int, process_index: int, process_count: int):
+    def __init__(self, count: int, per_step: int, seed: int):
         self.count, self.per_step, self.seed = count, per_step, seed
-        self.share = per_step // process_count
-        self.offset = process_index * self.share
         self.state = {"epoch": 0, "position": 0}
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -224,7 +228,7 @@ class PromptBatches:
             if position == self.count:
                 epoch, position = epoch + 1, 0
         self.state = {"epoch": epoch, "position": position}
-        return {"prompt": np.asarray(picked[self.offset:self.offset + self.share], np.int32)}
+        return {"prompt": np.asarray(picked, np.int32)}
 
     def get_state(self) -> dict:
         return dict(self.state)
@@ -260,48 +264,62 @@ class Rollouts:
     """The rollout hook: prompts -> a batch of scored completions with advantages and log-probabilities."""
 
     def __init__(self, cfg: Config, prompts: list[dict], prompt_ids: list[list[int]], tokenizer, rewards,
-                 stop_ids: tuple[int, ...], process_index: int):
+                 stop_ids: tuple[int, ...], mesh):
         self.cfg, self.prompts, self.prompt_ids, self.tokenizer = cfg, prompts, prompt_ids, tokenizer
-        self.rewards, self.stop_ids, self.process_index = rewards, stop_ids, process_index
+        self.rewards, self.stop_ids, self.mesh = rewards, stop_ids, mesh
+        self.place = functools.partial(sharding.put_batch, mesh, cfg.mesh.rules)   # whole host batch -> global
         self.stats: dict = {}
 
     def sample(self, params, indices: Sequence[int], seed: int, temperature: float, group: int):
-        """(prompt ids, completion ids incl. a final stop id, completion texts) of `group` samples per prompt."""
+        """(prompt ids, completion ids incl. a final stop id, completion texts) of `group` samples per prompt, the
+        whole batch on every process (indices: the same on every process)."""
         rl = self.cfg.rl
         prompts = [self.prompt_ids[i] for i in indices for _ in range(group)]
         sampling = SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=temperature, top_p=rl.top_p,
                                   stop_ids=self.stop_ids, seed=seed)
-        done = generate(params, self.cfg.model, prompts, sampling, tokenizer=self.tokenizer)
+        done = generate(params, self.cfg.model, prompts, sampling, tokenizer=self.tokenizer, place=self.place)
         completions = [c.tokens + ([c.stop_id] if c.stop_id is not None else []) for c in done]
         return prompts, completions, [c.text for c in done]
 
     def score(self, indices, group: int, texts: list[str], completions: list[list[int]]):
+        """(total, each source's) rewards of every row, on every process: each process scores an equal share."""
         records = [self.prompts[i] for i in indices for _ in range(group)]
-        prompt_texts = [r["messages"][-1]["content"] for r in records]
-        names = sorted({k for r in records for k in r["fields"]})
-        fields = {k: [r["fields"].get(k) for r in records] for k in names}
-        return self.rewards(prompt_texts, texts, completions, fields)
+        n, nproc = len(records), jax.process_count()
+        share = -(-n // nproc)
+        mine = slice(min(n, jax.process_index() * share), min(n, (jax.process_index() + 1) * share))
+        records, texts, completions = records[mine], texts[mine], completions[mine]
+        if records:
+            names = sorted({k for r in records for k in r["fields"]})
+            fields = {k: [r["fields"].get(k) for r in records] for k in names}
+            total, each = self.rewards([r["messages"][-1]["content"] for r in records], texts, completions, fields)
+        else:   # more processes than rows: nothing to score here
+            total, each = np.zeros(0, np.float32), {k: np.zeros(0, np.float32) for k in self.rewards.sources}
+        gather = lambda x: distributed.gather_rows(np.pad(x, (0, share - len(x))))[:n]  # noqa: E731  (equal shapes)
+        if nproc == 1:
+            return total, each
+        # every process's share, in process order: rows [0, share), [share, 2·share), ...
+        return gather(total), {k: gather(v) for k, v in each.items()}
 
     def __call__(self, step: int, params, frozen, host: dict) -> dict:
         rl, g = self.cfg.rl, self.cfg.rl.group_size
-        indices = [int(i) for i in host["prompt"]]
-        seed = int(np.random.default_rng([self.cfg.train.seed, step, self.process_index]).integers(2 ** 31))
+        indices = [int(i) for i in host["prompt"]]   # the global batch's prompts, the same on every process
+        seed = int(np.random.default_rng([self.cfg.train.seed, step]).integers(2 ** 31))
         t0 = time.perf_counter()
         prompts, completions, texts = self.sample(params, indices, seed, rl.temperature, g)
         sample_s = time.perf_counter() - t0
         total, each = self.score(indices, g, texts, completions)
         batch = rows_of(prompts, completions, self.cfg.data.seq_len)
         ppo = rl.algorithm == "ppo"
-        device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        device_batch = {k: self.place(v) for k, v in batch.items()}   # split over the mesh like the train batch
         old_logp, old_values = _logprobs_values(params, device_batch, cfg=self.cfg.model, with_values=ppo)
         # The reference: init_from, or with LoRA the frozen base (steps.reference_params).
         ref_logp, _ = _logprobs_values(steps.reference_params(frozen), device_batch, cfg=self.cfg.model,
                                        with_values=False)
-        batch["old_logp"], batch["ref_logp"] = np.asarray(old_logp), np.asarray(ref_logp)
+        batch["old_logp"], batch["ref_logp"] = distributed.to_host(old_logp), distributed.to_host(ref_logp)
         mask = batch["loss_mask"]
         if ppo:   # per-token rewards, GAE from the value head, advantages whitened over the batch's tokens
             rewards = ppo_rewards(total, batch["old_logp"], batch["ref_logp"], mask, rl.beta)
-            batch["old_values"] = np.asarray(old_values) * mask
+            batch["old_values"] = distributed.to_host(old_values) * mask
             advantages, batch["returns"] = gae(rewards, batch["old_values"], mask, rl.gamma, rl.lam)
             batch["advantage"] = whiten(advantages, mask)
         else:     # one advantage per completion, normalised within its prompt's group, on each of its tokens
@@ -321,7 +339,8 @@ class Rollouts:
         if ppo:
             self.stats.update({"rollout/value_mean": float(batch["old_values"][on].mean()),
                                "rollout/return_mean": float(batch["returns"][on].mean())})
-        return batch
+        own = sharding.process_rows(self.mesh, self.cfg.mesh.rules, len(prompts))   # this process's rows
+        return {k: v[own] for k, v in batch.items()}
 
     def layout(self) -> dict:
         """A batch of __call__'s layout (zeros): this process's rows."""
@@ -406,14 +425,14 @@ def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: in
                         "the left", cut, len(ids), budget)
     ids = [x[-budget:] for x in ids]
     stop_ids, _ = stop_markers(template, tokenizer)
-    rollouts = Rollouts(cfg, prompts, ids, tokenizer, RewardSources(cfg), stop_ids, process_index)
+    mesh = sharding.make_mesh(cfg.mesh)     # the run's mesh (the same devices in the same order as the trainer's)
+    rollouts = Rollouts(cfg, prompts, ids, tokenizer, RewardSources(cfg), stop_ids, mesh)
     # THE REFERENCE (one place): the init_from model; with LoRA the trainer's frozen base, read without adapters
     # (steps.reference_params), so the weights are not held twice.
     frozen = {}
     if not cfg.lora.rank:
-        from jaxllm import sharding
         from jaxllm.checkpoint import load_params_on_mesh
-        reference, _, _ = load_params_on_mesh(cfg.init_from, sharding.make_mesh(cfg.mesh), cfg.mesh.rules)
+        reference, _, _ = load_params_on_mesh(cfg.init_from, mesh, cfg.mesh.rules)
         frozen = {"reference": {k: v for k, v in reference.items() if k not in HEADS}}
     held = list(range(len(train_records), len(prompts)))[:rl.eval_prompts]
     ppo = rl.algorithm == "ppo"
@@ -434,8 +453,7 @@ def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: in
                            value_coef=rl.value_coef if ppo else 0.0, value_clip=rl.value_clip,
                            epochs=rl.epochs, minibatches=rl.minibatches),
         specs=specs, extend_params=extend, updates_per_step=rl.epochs * rl.minibatches,
-        train_batches=PromptBatches(len(train_records), cfg.train.batch_size // rl.group_size, cfg.train.seed,
-                                    process_index, process_count),
+        train_batches=PromptBatches(len(train_records), cfg.train.batch_size // rl.group_size, cfg.train.seed),
         eval_batches=lambda: iter(()), report=lambda sums: {},
         frozen=frozen, rollout=rollouts, batch_layout=rollouts.layout,
         eval_hook=functools.partial(evaluation, rollouts=rollouts, held=held),
