@@ -5,10 +5,11 @@ rl.epochs x rl.minibatches updates per step).
   python benchmarks/rl_step.py --steps=8 --out=/tmp/rl_bench            # CPU, a few minutes
 
 A random tiny decoder with a SentencePiece tokenizer trained on the built-in reviews, 64 prompts, a rule reward
-(benchmarks.rl_step:short_answer), the trainer itself (train()). Each step's time comes from the trainer's
-tokens_per_s (log_every=1: every step is fetched, so dispatch runs no further ahead than one step), its rollout
-part from rollout/seconds; the first step (compilation) is left out and the median of the rest reported.
-Update tokens/s counts the padded rows the updates run over: batch x seq_len x updates per step.
+(benchmarks.rl_step:short_answer), the trainer itself (train()). Each step's time is the trainer's step_seconds
+(log_every=1: every step is fetched, so dispatch runs no further ahead than one step), its rollout part
+rollout/seconds (the rollout waits for the previous update first, so the update's tail is not in it); the first
+step (compilation) is left out and the median of the rest reported. Update tokens/s is the trainer's tokens_per_s:
+the padded rows every pass runs over (batch x seq_len x rl.epochs) per second of the step less its rollout.
 """
 from __future__ import annotations
 
@@ -56,14 +57,14 @@ def measure(name: str, out: Path, base: str, prompts: Path, steps: int, rl: RLCo
                  rl=rl, reward=RewardConfig(functions=("benchmarks.rl_step:short_answer",))).validate()
     train(cfg)
     rows = [r for r in read_metrics(str(workdir / "metrics.jsonl")) if "tokens_per_s" in r][1:]   # compiled
-    step_s = np.median([BATCH * SEQ_LEN / r["tokens_per_s"] for r in rows])
+    step_s = np.median([r["step_seconds"] for r in rows])
     rollout_s = np.median([r["rollout/seconds"] for r in rows])
     updates = rl.epochs * rl.minibatches
     return {"run": name, "updates_per_step": updates, "step_s": step_s, "rollout_s": rollout_s,
             "update_s": step_s - rollout_s,
             "sampled_tokens_per_s": np.median([r["rollout/tokens_per_s"] for r in rows]),
             "response_length": np.median([r["rollout/response_length"] for r in rows]),
-            "update_tokens_per_s": BATCH * SEQ_LEN * updates / max(step_s - rollout_s, 1e-9)}
+            "update_tokens_per_s": np.median([r["tokens_per_s"] for r in rows])}
 
 
 def main() -> None:

@@ -33,6 +33,20 @@ def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int, peak_tflo
     return tokens_per_s * flops_per_token / (num_devices * peak_tflops * 1e12)
 
 
+def interval_throughput(*, steps: int, batch_tokens: int, passes: int, flops_per_token: float, side_flops: float,
+                        side_seconds: float, elapsed: float, num_devices: int, peak_tflops: float) -> dict:
+    """Throughput of `steps` train steps that took `elapsed` seconds in all, each running `passes` forward and
+    backward passes over a batch of `batch_tokens` (RL: rl.epochs passes over its rollouts), with `side_flops`
+    model FLOPs done outside the train step in `side_seconds` of that time (RL: generation and the log-prob
+    passes; 0 otherwise).
+      tokens_per_s: the tokens the train step ran over, every pass counted, per second of train-step time;
+      mfu:          every model FLOP, the train step's and the side work's, over the elapsed time and the peak."""
+    train_tokens = steps * batch_tokens * passes
+    flops = train_tokens * flops_per_token + side_flops
+    return {"tokens_per_s": train_tokens / max(elapsed - side_seconds, 1e-9),
+            "mfu": flops / max(elapsed, 1e-9) / (num_devices * peak_tflops * 1e12) if peak_tflops > 0 else float("nan")}
+
+
 class MetricWriter:
     """Writes each logged step once to every sink: metrics.jsonl, TensorBoard, and W&B when a run is given.
     Only process 0 writes."""

@@ -18,6 +18,20 @@ Activation estimate, per device, for one micro-batch of n = batch / grad_accum_s
   the output head adds 3 * 4 * V bytes per token (fp32 logits, their softmax and its gradient).
 D = d_model, H = heads, K = kv_heads, Dh = head_dim, F = mlp_dim, V = vocab, T = seq_len. The estimate
 leaves out XLA's temporary buffers and fragmentation: keep a margin (the warning fires above 90%).
+
+RL (objective "rl", `rollout_bytes`): the policy (PPO: plus its value head), the reference (a copy of the
+parameters; with LoRA the frozen base is the reference and nothing is added), and two phases that never overlap,
+so the total counts the larger:
+  rollout   the KV cache of the batch's train.batch_size completions (G per prompt), bucketed as generate
+            pads it: 2 * L * rows * S * K * Dh * c + 2 * 4 * rows * S (segment ids and positions), S the cache
+            length (the longest prompt allowed, seq_len - rl.max_new_tokens, bucketed, plus max_new_tokens,
+            rounded up to 64); then the log-probability passes over the rows: 2 * 4 * V * rows * T (fp32 logits
+            and their log-softmax, the whole batch in one pass);
+  update    the rollout batch (tokens, targets, segments, positions, mask and 3 per-token fp32 arrays: old and
+            reference log-probs and advantages; PPO 2 more: old values and returns), held twice when the step
+            makes several passes (the minibatch slices are a second layout of it), and the activations of one
+            minibatch's micro-batch, the loss holding one more V-sized fp32 buffer per token (the entropy).
+rows per device are divided by data * fsdp where they divide.
 """
 from __future__ import annotations
 
@@ -66,7 +80,8 @@ def _divided(n: int, by: int) -> float:
     return n / by if n % by == 0 else n   # an axis that does not divide stays replicated (sharding.py)
 
 
-def activation_bytes(model, *, tokens_per_device: float, seq_len: int, tensor: int, attention: str) -> int:
+def activation_bytes(model, *, tokens_per_device: float, seq_len: int, tensor: int, attention: str,
+                     head_buffers: int = 3) -> int:
     """The estimate in the module docstring, bytes per device."""
     c = jnp.dtype(model.compute_dtype).itemsize
     D, Dh, T = model.d_model, model.head_dim, seq_len
@@ -76,7 +91,7 @@ def activation_bytes(model, *, tokens_per_device: float, seq_len: int, tensor: i
     kept = {"none": every, "dots": c * (3 * D + H * Dh + 2 * K * Dh + 2 * F), "attn_out": c * (D + H * Dh),
             "full": c * D}[model.remat]
     rebuilt = every if model.remat != "none" else 0
-    return int(tokens_per_device * (model.num_layers * kept + rebuilt + 3 * 4 * V))
+    return int(tokens_per_device * (model.num_layers * kept + rebuilt + head_buffers * 4 * V))
 
 
 def preset_of(model) -> str | None:
@@ -118,23 +133,27 @@ def attention_kernel(model, seq_len: int, chip: str | None) -> str:
 
 
 def trained_specs(cfg: Config, model) -> dict:
-    """What the step differentiates: the whole decoder, or with LoRA its adapters."""
+    """What the step differentiates: the whole decoder (PPO: and its value head), or with LoRA its adapters
+    (and the value head)."""
     from jaxllm.model import lora
+    from jaxllm.model.heads import reward_model_specs
     from jaxllm.model.spec import param_specs
     specs = param_specs(model)
-    return lora.trained_specs(specs, specs, cfg.lora) if cfg.lora.rank else specs
+    if cfg.objective == "rl" and cfg.rl.algorithm == "ppo":
+        specs = {**specs, "value_head": reward_model_specs(model)["reward_head"]}
+    return lora.trained_specs(specs, param_specs(model), cfg.lora) if cfg.lora.rank else specs
 
 
 def abstract_frozen(cfg: Config, model) -> dict:
     """Abstract shapes of what the step reads but never trains: a LoRA run's base (cast, quantized), DPO's online
-    reference without LoRA (a copy of the parameters), or nothing."""
+    reference or RL's reference without LoRA (a copy of the parameters), or nothing."""
     from jaxllm.model.quantize import frozen_base
     from jaxllm.model.spec import abstract_params
     if cfg.lora.rank:
         from jaxllm.model.lora import split, trained_entries
         base = split(abstract_params(model), trained_entries(cfg.lora))[1]
         return {"base": jax.eval_shape(lambda p: frozen_base(p, cfg.lora.base_dtype, cfg.lora.quantize_base), base)}
-    if cfg.objective == "dpo" and cfg.dpo.reference == "online":
+    if (cfg.objective == "dpo" and cfg.dpo.reference == "online") or cfg.objective == "rl":
         return {"reference": abstract_params(model)}
     return {}
 
@@ -167,6 +186,23 @@ def frozen_bytes(cfg: Config, model, mesh) -> int:
     return int(total)
 
 
+def rollout_bytes(cfg: Config, model, sizes: dict) -> dict:
+    """RL's rollout phase per device (the module docstring): the KV cache of generation and the log-probability
+    passes over the rollout rows."""
+    from jaxllm.model.generate import CACHE_BUCKET
+    from jaxllm.model.padding import bucket_batch, bucket_length, round_up
+    rows, seq_len, new = cfg.train.batch_size, cfg.data.seq_len, cfg.rl.max_new_tokens
+    shards = sizes["data"] * sizes["fsdp"]
+    padded = bucket_batch(rows)                      # generate pads the batch to a power of two
+    cache_len = round_up(bucket_length(seq_len - new) + new, CACHE_BUCKET)
+    c = jnp.dtype(model.compute_dtype).itemsize
+    kv = _divided(model.num_kv_heads, sizes["tensor"])
+    per_row_cache = 2 * model.num_layers * cache_len * kv * model.head_dim * c + 2 * 4 * cache_len
+    return {"rollout_cache": int(per_row_cache * (padded / shards if padded % shards == 0 else padded)),
+            "rollout_logprobs": int(2 * 4 * _divided(model.vocab_size, sizes["tensor"]) * seq_len
+                                    * (rows / shards if rows % shards == 0 else rows))}
+
+
 def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> dict:
     """Bytes per device of params, optimizer state, gradients, the batch and activations (estimate), for the
     LM train step of `cfg` on a mesh of cfg.mesh's sizes; nothing is allocated. chip: a name of CHIPS."""
@@ -190,8 +226,14 @@ def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> di
     batch_shards = sizes["data"] * sizes["fsdp"] if batch % (sizes["data"] * sizes["fsdp"]) == 0 else 1
     # reward and DPO rows are (chosen, rejected) pairs: two sequences each
     sequences = 2 if cfg.objective in ("reward", "dpo") else 1
-    tokens_per_device = batch // accum * sequences * seq_len / batch_shards
+    rl = cfg.objective == "rl"
+    minibatches = cfg.rl.minibatches if rl else 1   # an RL update runs over one minibatch of the rollout rows
+    tokens_per_device = batch // minibatches // accum * sequences * seq_len / batch_shards
     attention = attention_kernel(model, seq_len, chip)
+    # the batch's int32 / fp32 arrays per token: tokens, targets, segments, positions, mask (+ RL's per-token
+    # old and reference log-probs and advantages, PPO's old values and returns)
+    arrays = 5 + ((5 if cfg.rl.algorithm == "ppo" else 3) if rl else 0)
+    copies = 2 if rl and cfg.rl.epochs * cfg.rl.minibatches > 1 else 1   # the minibatch slices of the batch
     out = {
         "model": model, "vocab_source": vocab_source, "parameters": count_params(model), "mesh": sizes,
         "devices": math.prod(sizes.values()), "objective": cfg.objective, "lora": cfg.lora,
@@ -204,11 +246,17 @@ def plan(cfg: Config, devices: int | None = None, chip: str | None = None) -> di
                       + _bytes_per_device(abstract["step"], shardings["step"])),
         # the step's gradients are shaped and sharded like the parameters; with accumulation a running sum too
         "grads": params * (2 if accum > 1 else 1),
-        "batch": int(5 * 4 * batch * sequences * seq_len / batch_shards),   # tokens, targets, segments, ...
+        "batch": int(copies * arrays * 4 * batch * sequences * seq_len / batch_shards),
         "activations": activation_bytes(model, tokens_per_device=tokens_per_device, seq_len=seq_len,
-                                         tensor=sizes["tensor"], attention=attention),
+                                         tensor=sizes["tensor"], attention=attention, head_buffers=4 if rl else 3),
+        "rollout_cache": 0, "rollout_logprobs": 0,
     }
-    out["total"] = sum(out[k] for k in ("params", "frozen", "opt_state", "grads", "batch", "activations"))
+    if rl:
+        out.update(rollout_bytes(cfg, model, sizes))
+    # the update and (RL) the rollout never hold their buffers at the same time: the larger of them counts
+    update = out["grads"] + out["batch"] + out["activations"]
+    out["total"] = (out["params"] + out["frozen"] + out["opt_state"]
+                    + max(update, out["rollout_cache"], out["rollout_logprobs"]))
     return out
 
 
@@ -308,7 +356,9 @@ def _frozen_note(p: dict) -> str:
     if p["lora"].rank:
         q = p["lora"].quantize_base
         return f" (base in {p['lora'].base_dtype}" + (f", projections {q})" if q != "none" else ")")
-    return " (DPO's online reference)" if p["frozen"] else ""
+    if not p["frozen"]:
+        return ""
+    return " (RL's reference)" if p["objective"] == "rl" else " (DPO's online reference)"
 
 
 def format_plan(p: dict, chip: str | None = None, compiled: dict | None = None, flops: dict | None = None) -> str:
@@ -326,6 +376,12 @@ def format_plan(p: dict, chip: str | None = None, compiled: dict | None = None, 
         f"  gradients         {_size(p['grads'])}",
         f"  batch             {_size(p['batch'])}",
         f"  activations (est) {_size(p['activations'])}",
+    ]
+    if p["objective"] == "rl":
+        lines += [f"  rollout KV cache  {_size(p['rollout_cache'])}",
+                  f"  rollout log-probs {_size(p['rollout_logprobs'])} (the rollout and the update alternate: "
+                  f"the larger phase counts)"]
+    lines += [
         f"  total             {_size(p['total'])}",
     ]
     if compiled:

@@ -23,8 +23,8 @@ from jaxllm import config as config_lib
 from jaxllm.checkpoint import RunCheckpointer, checkpoint_steps
 from jaxllm.config import Config
 from jaxllm.data.mixture import resplit_data_state
-from jaxllm.metrics import (MetricWriter, Progress, device_peak_tflops, drop_rows_after, mfu, open_wandb_run,
-                            plot_curves, wandb_module)
+from jaxllm.metrics import (MetricWriter, Progress, device_peak_tflops, drop_rows_after, interval_throughput,
+                            open_wandb_run, plot_curves, wandb_module)
 from jaxllm.model import lora, quantize
 from jaxllm.model.spec import flops_per_token, init_from_specs, param_specs
 from jaxllm.objectives import Objective, build_objective
@@ -249,6 +249,8 @@ class TrainLoop:
         if train_cfg.eval_every and train_cfg.eval_at_start and start == 0:
             last.update(self.eval_metrics(state, 0))
         tokens_shape, input_wait = (), 0.0
+        side_work = self.objective.side_work or (lambda: (0.0, 0.0))
+        side_last = side_work()
         while step < train_cfg.steps:
             t_wait = time.time()
             host = next(batches)
@@ -266,14 +268,16 @@ class TrainLoop:
             if step % train_cfg.log_every == 0 or step == train_cfg.steps:
                 m = self.drain()
                 elapsed, t_last = time.time() - t_last, time.time()
-                tokens_per_s = (step - step_last) * math.prod(tokens_shape) / max(elapsed, 1e-9)
-                step_last = step
+                side = side_work()
+                throughput = interval_throughput(
+                    steps=step - step_last, batch_tokens=math.prod(tokens_shape),
+                    passes=self.objective.passes_per_step, flops_per_token=flops_per_token(cfg.model, tokens_shape[-1]),
+                    side_flops=side[0] - side_last[0], side_seconds=side[1] - side_last[1], elapsed=elapsed,
+                    num_devices=jax.device_count(), peak_tflops=peak)
+                steps_done, step_last, side_last = step - step_last, step, side
                 last = {f"train/{k}": float(v) for k, v in m.items() if k not in ("count", "grad_norm")}
-                last.update(grad_norm=float(m["grad_norm"]), lr=float(schedule(step * updates - 1)),
-                            tokens_per_s=tokens_per_s,
-                            mfu=mfu(tokens_per_s, flops_per_token(cfg.model, tokens_shape[-1]), jax.device_count(),
-                                    peak),
-                            input_wait_frac=input_wait / max(elapsed, 1e-9))
+                last.update(grad_norm=float(m["grad_norm"]), lr=float(schedule(step * updates - 1)), **throughput,
+                            step_seconds=elapsed / steps_done, input_wait_frac=input_wait / max(elapsed, 1e-9))
                 input_wait = 0.0
                 if self.objective.data_stats is not None:   # per-source tokens/epochs (data/...)
                     last.update(self.objective.data_stats())

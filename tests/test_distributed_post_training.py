@@ -58,9 +58,11 @@ def runs(tmp_path_factory):
         common = [f"--config.init_from={base}", f"--config.data.train=('{data}',)", f"--config.workdir={workdir}",
                   "--config.data.seq_len=64", "--config.train.batch_size=8", "--config.train.log_every=1",
                   "--config.train.eval_batches=0", "--config.train.save_every=0"]
-        if objective == "rl":   # GRPO, 2 prompts x G=4 a step, a rule reward; 3 steps, held-out prompts at the end
-            return ["--config=grpo:model=tiny", *common, "--config.train.steps=3", "--config.train.eval_every=3",
-                    "--config.rl.group_size=4", "--config.rl.max_new_tokens=8", "--config.rl.eval_prompts=2",
+        if objective == "rl":   # GRPO, 2 prompts x G=4 a step, a rule reward, 2 steps; then 4 held-out prompts x 2
+            # samples: the training rollouts' shapes, so nothing compiles twice
+            return ["--config=grpo:model=tiny", *common, "--config.train.steps=2", "--config.train.eval_every=2",
+                    "--config.data.eval_fraction=0.2", "--config.rl.group_size=4", "--config.rl.max_new_tokens=6",
+                    "--config.rl.eval_prompts=4",
                     "--config.reward.functions=('test_rl:low_ids',)", "--config.optim.lr=1e-2",
                     "--config.optim.warmup_steps=0"]
         return [f"--config={objective}:model=tiny", *common, "--config.train.steps=6", "--config.train.eval_every=3",

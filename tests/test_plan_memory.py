@@ -72,3 +72,32 @@ def test_compiled_qlora_step_reads_the_quantized_base_as_an_argument():
     p = plan_memory.plan(cfg, devices=1)
     compiled = plan_memory.compiled_memory(cfg)
     assert compiled["argument"] >= p["frozen"] + p["params"]
+
+
+def test_rl_plans_count_the_reference_value_head_rollout_cache_and_multi_pass_batch_by_hand():
+    flags = ["--config.workdir=unused", "--config.init_from=x", "--config.model.vocab_size=32000",
+             "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.batch_size=64", "--config.data.seq_len=1024",
+             "--config.rl.max_new_tokens=256"]
+    grpo = plan_memory.plan(load_config(["--config=grpo:model=llama2-7b", *flags]), devices=8)
+    L, D, K, Dh, V, T = 32, 4096, 32, 128, 32000, 1024
+    c = 2                                                     # the preset computes in bfloat16
+    assert grpo["frozen"] == grpo["params"] > 0               # the reference: a second copy, sharded alike
+    # 64 completions (a power of two already) over 8 devices; the longest prompt 1024 - 256 = 768 tokens (a bucket
+    # already) + 256 new = 1024 cache slots (a multiple of 64)
+    rows, S = 64 // 8, 1024
+    assert grpo["rollout_cache"] == rows * (2 * L * S * K * Dh * c + 2 * 4 * S)
+    assert grpo["rollout_logprobs"] == rows * T * V * 4 * 2   # fp32 logits and log-softmax of every row at once
+    assert grpo["batch"] == (5 + 3) * 4 * rows * T            # one pass: the batch is held once
+    ppo_flags = ["--config=ppo:model=llama2-7b", *flags, "--config.rl.epochs=2", "--config.rl.minibatches=4"]
+    ppo = plan_memory.plan(load_config(ppo_flags), devices=8)
+    assert ppo["params"] - grpo["params"] == 4 * D // 8 + 4    # the value head: a kernel sharded over fsdp, a bias
+    assert ppo["batch"] == 2 * (5 + 5) * 4 * rows * T          # old values and returns; held twice for the slices
+    # an update runs over one minibatch (a quarter of the rows): its activations are a quarter of one pass over all
+    one_minibatch = plan_memory.plan(load_config(ppo_flags + ["--config.rl.minibatches=1"]), devices=8)
+    assert ppo["activations"] == pytest.approx(one_minibatch["activations"] / 4, rel=1e-9)
+    update = grpo["grads"] + grpo["batch"] + grpo["activations"]
+    assert grpo["total"] == grpo["params"] + grpo["frozen"] + grpo["opt_state"] + max(
+        update, grpo["rollout_cache"], grpo["rollout_logprobs"])
+    with_lora = plan_memory.plan(load_config(["--config=grpo:model=llama2-7b", *flags, "--config.lora.rank=8"]),
+                                 devices=8)
+    assert with_lora["frozen"] == grpo["frozen"] // 2        # the bf16 base is the reference: no second copy

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from jaxllm.config import Config, DataConfig, ModelConfig, OptimConfig, RewardConfig, RLConfig, TrainConfig
-from jaxllm.metrics import read_metrics
+from jaxllm.metrics import interval_throughput, read_metrics
 from jaxllm.objectives.rl_rewards import RewardSources, parse_rating
 from jaxllm.objectives.rl import (gae, group_advantages, k3_kl, multi_pass_train_step, policy_loss_sums,
-                                  ppo_rewards, rl_loss, rows_of, value_loss_sums, whiten)
+                                  ppo_rewards, rl_loss, rollout_flops, rows_of, value_loss_sums, whiten)
 from jaxllm.trainer import train
 from test_post_training import base_checkpoint, review_pairs  # noqa: F401,F811 (module fixtures)
 
@@ -155,6 +155,28 @@ def test_rows_put_the_loss_on_completion_tokens_and_their_stop_id():
     assert rows["targets"][0][2:5].tolist() == [7, 8, 2]
 
 
+def test_rollout_flops_by_hand():
+    cfg = ModelConfig(vocab_size=256, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
+    D, H, K, Dh, F, V, L = 16, 2, 1, 8, 32, 256, 2
+    # matmul parameters: per layer q, k, v, o, gate, up, down (norms are not matmuls but PaLM's N counts every
+    # parameter but the embedding lookup: 2 norms per layer, the final norm, the head)
+    n = L * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F + 2 * D) + D + D * V
+    attn = 4 * L * H * Dh                        # per token per attended position
+    # a 3-token prompt and a 2-token completion: 4 tokens go through the model, attending over 1, 2, 3, 4 positions;
+    # a 5-token prompt and a 1-token completion: 5 tokens, over 1..5. Then 2 forward passes over 2 rows x 12.
+    sampling = 4 * 2 * n + attn * (1 + 2 + 3 + 4) + 5 * 2 * n + attn * (1 + 2 + 3 + 4 + 5)
+    passes = 2 * 2 * 12 * (2 * n + attn * 12)
+    assert rollout_flops(cfg, [3, 5], [2, 1], seq_len=12) == pytest.approx(sampling + passes, rel=1e-12)
+
+
+def test_step_throughput_counts_every_pass_and_the_rollout_by_hand():
+    # 2 steps of 2 passes over 100 tokens in 3 s, 1 s of it rollouts worth 500 FLOPs; 10 FLOPs per train token
+    t = interval_throughput(steps=2, batch_tokens=100, passes=2, flops_per_token=10.0, side_flops=500.0,
+                            side_seconds=1.0, elapsed=3.0, num_devices=2, peak_tflops=1e-12)   # 1 FLOP/s a device
+    assert t["tokens_per_s"] == pytest.approx(400 / 2)     # train tokens over the train step's 2 s
+    assert t["mfu"] == pytest.approx((400 * 10 + 500) / 3 / 2)
+
+
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("rl") / "prompts.jsonl"
@@ -226,6 +248,9 @@ def test_rl_resumes_exactly_mid_run(tmp_path, prompts_file, base_checkpoint):
         return [(r["train/loss"], r["train/value_loss"], r["rollout/reward_mean"], r["lr"])
                 for r in read_metrics(str(d / "metrics.jsonl")) if "train/loss" in r]
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    # tokens/s counts both passes over the 32 x 48 rows, over the step's time less its rollout
+    for r in [r for r in read_metrics(str(tmp_path / "straight" / "metrics.jsonl")) if "tokens_per_s" in r]:
+        assert r["tokens_per_s"] * (r["step_seconds"] - r["rollout/seconds"]) == pytest.approx(2 * 32 * 48, rel=1e-3)
     # the logged lr is the schedule's at each step's last update: update 3 of a 6-update warmup, then the peak
     assert [x[3] for x in losses(tmp_path / "straight")] == pytest.approx([1e-2 * 3 / 6, 1e-2, 1e-2, 1e-2])
 

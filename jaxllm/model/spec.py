@@ -126,5 +126,17 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """PaLM appendix B: 6N + 12·L·H·Q·T training FLOPs per token (forward + backward)."""
-    return 6 * matmul_params(cfg) + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    """PaLM appendix B: 6N + 12·L·H·Q·T training FLOPs per token (forward + backward: 3 forwards)."""
+    return 3 * forward_flops_per_token(cfg, seq_len)
+
+
+def forward_flops_per_token(cfg: ModelConfig, context: int) -> float:
+    """2N + 4·L·H·Q·context: one token's forward pass attending over `context` positions (PaLM's accounting)."""
+    return 2 * matmul_params(cfg) + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+
+
+def generation_flops(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> float:
+    """Model FLOPs of sampling `new_tokens` after a prompt with a KV cache: every token but the last sampled one
+    goes through the model once, the one at position i (from 0) attending over i + 1 cached positions."""
+    fed = prompt_len + new_tokens - 1
+    return fed * 2 * matmul_params(cfg) + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * fed * (fed + 1) / 2

@@ -47,6 +47,11 @@ class Objective:
     # Optimizer updates one train_step makes (rl: several passes over a batch of rollouts); the learning-rate
     # schedule runs over train.steps x updates_per_step updates.
     updates_per_step: int = 1
+    # Forward and backward passes one train_step makes over its whole batch (rl: rl.epochs): the FLOPs it counts.
+    passes_per_step: int = 1
+    # () -> cumulative (model FLOPs, seconds) of work done outside train_step (rl: the rollouts), for MFU and for
+    # tokens/s over the train step's own time.
+    side_work: Callable[[], tuple[float, float]] | None = None
 
 
 def objective_module(name: str):

@@ -47,7 +47,7 @@ from jaxllm.data.formats import load_prompts
 from jaxllm.data.templates import encode_prompt, run_template, stop_markers
 from jaxllm.model.generate import SamplingParams, generate
 from jaxllm.model.heads import reward_model_specs
-from jaxllm.model.spec import init_from_specs, param_specs
+from jaxllm.model.spec import forward_flops_per_token, generation_flops, init_from_specs, param_specs
 from jaxllm.model.transformer import hidden_states, logits_from_hidden
 from jaxllm.objectives import Objective
 from jaxllm.objectives.rl_rewards import RewardSources
@@ -260,6 +260,14 @@ def rows_of(prompts: Sequence[list[int]], completions: Sequence[list[int]], seq_
     return out
 
 
+def rollout_flops(cfg: ModelConfig, prompt_lens: Sequence[int], completion_lens: Sequence[int], seq_len: int) -> float:
+    """Model FLOPs of one rollout batch (PaLM's accounting, as the train step's): sampling each completion with
+    the KV cache after its prompt, and the two forward passes (the rollout policy's log-probabilities, with PPO's
+    values, and the reference's) over the rows padded to seq_len. A reward model's scoring is not counted."""
+    sampling = sum(generation_flops(cfg, p, n) for p, n in zip(prompt_lens, completion_lens))
+    return sampling + 2 * len(prompt_lens) * seq_len * forward_flops_per_token(cfg, seq_len)
+
+
 class Rollouts:
     """The rollout hook: prompts -> a batch of scored completions with advantages and log-probabilities."""
 
@@ -269,6 +277,7 @@ class Rollouts:
         self.rewards, self.stop_ids, self.mesh = rewards, stop_ids, mesh
         self.place = functools.partial(sharding.put_batch, mesh, cfg.mesh.rules)   # whole host batch -> global
         self.stats: dict = {}
+        self.work = (0.0, 0.0)   # cumulative (model FLOPs, seconds) of the rollouts: Objective.side_work
 
     def sample(self, params, indices: Sequence[int], seed: int, temperature: float, group: int):
         """(prompt ids, completion ids incl. a final stop id, completion texts) of `group` samples per prompt, the
@@ -304,6 +313,7 @@ class Rollouts:
         rl, g = self.cfg.rl, self.cfg.rl.group_size
         indices = [int(i) for i in host["prompt"]]   # the global batch's prompts, the same on every process
         seed = int(np.random.default_rng([self.cfg.train.seed, step]).integers(2 ** 31))
+        jax.block_until_ready(params)   # the previous update's tail belongs to the train step's time, not to ours
         t0 = time.perf_counter()
         prompts, completions, texts = self.sample(params, indices, seed, rl.temperature, g)
         sample_s = time.perf_counter() - t0
@@ -327,13 +337,16 @@ class Rollouts:
         on = mask > 0
         lengths = np.asarray([len(c) for c in completions])
         raw = advantages[on] if ppo else batch["advantage"][on]
+        seconds = time.perf_counter() - t0
+        self.work = (self.work[0] + rollout_flops(self.cfg.model, [len(p) for p in prompts], lengths,
+                                                  self.cfg.data.seq_len), self.work[1] + seconds)
         self.stats = {"rollout/reward_mean": float(total.mean()), "rollout/reward_std": float(total.std()),
                       "rollout/advantage_mean": float(raw.mean()), "rollout/advantage_std": float(raw.std()),
                       "rollout/advantage_abs_mean": float(np.abs(batch["advantage"][on]).mean()),
                       "rollout/response_length": float(lengths.mean()),
                       "rollout/tokens_per_s": float(lengths.sum() / max(sample_s, 1e-9)),   # sampling only
                       # sampling, scoring and the old / reference log-probabilities: the step's rollout part
-                      "rollout/seconds": time.perf_counter() - t0,
+                      "rollout/seconds": seconds,
                       **{f"rollout/reward_{k}_mean": float(v.mean()) for k, v in each.items()},
                       **{f"rollout/reward_{k}_std": float(v.std()) for k, v in each.items()}}
         if ppo:
@@ -452,7 +465,8 @@ def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: in
                            clip_high=rl.clip_high, aggregation=rl.aggregation, max_new_tokens=rl.max_new_tokens,
                            value_coef=rl.value_coef if ppo else 0.0, value_clip=rl.value_clip,
                            epochs=rl.epochs, minibatches=rl.minibatches),
-        specs=specs, extend_params=extend, updates_per_step=rl.epochs * rl.minibatches,
+        specs=specs, extend_params=extend, updates_per_step=rl.epochs * rl.minibatches, passes_per_step=rl.epochs,
+        side_work=lambda: rollouts.work,
         train_batches=PromptBatches(len(train_records), cfg.train.batch_size // rl.group_size, cfg.train.seed),
         eval_batches=lambda: iter(()), report=lambda sums: {},
         frozen=frozen, rollout=rollouts, batch_layout=rollouts.layout,
