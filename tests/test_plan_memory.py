@@ -76,8 +76,8 @@ def test_compiled_qlora_step_reads_the_quantized_base_as_an_argument():
 
 def test_rl_plans_count_the_reference_value_head_rollout_cache_and_multi_pass_batch_by_hand():
     flags = ["--config.workdir=unused", "--config.init_from=x", "--config.model.vocab_size=32000",
-             "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.batch_size=64", "--config.data.seq_len=1024",
-             "--config.rl.max_new_tokens=256"]
+             "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.batch_size=64",
+             "--config.data.seq_len=1024", "--config.rl.max_new_tokens=256"]
     grpo = plan_memory.plan(load_config(["--config=grpo:model=llama2-7b", *flags]), devices=8)
     L, D, K, Dh, V, T = 32, 4096, 32, 128, 32000, 1024
     c = 2                                                     # the preset computes in bfloat16
