@@ -26,9 +26,9 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.progress import ProgressLog
-from jaxllm.objectives.lm import token_cross_entropy
+from jaxllm.objectives.lm import cross_entropy_sums
 from jaxllm.model.padding import pad_sequences
-from jaxllm.model.transformer import forward
+from jaxllm.model.transformer import hidden_states, target_log_z
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int
 def _batch_nll(params, tokens, segment_ids, positions, targets, mask, cfg):
     """tokens, segment_ids, positions, targets, mask: (batch, window). Returns the summed NLL over masked
     targets."""
-    logits = forward(params, tokens, cfg, segment_ids=segment_ids, positions=positions)   # (batch, window, vocab)
-    return token_cross_entropy(logits, targets, mask)["nll"]
+    h = hidden_states(params, tokens, cfg, segment_ids=segment_ids, positions=positions)  # (batch, window, embed)
+    return cross_entropy_sums(*target_log_z(params, h, targets, cfg), mask)["nll"]
 
 
 def token_nll(params, cfg: ModelConfig, ids: Sequence[int], *, window: int | None = None,

@@ -74,11 +74,14 @@ def xla_attention(q, k, v, q_segment_ids, k_segment_ids, q_positions, k_position
     if alibi:
         bias = alibi_bias(q_positions, k_positions, heads)                    # (batch, heads, q_length, k_length)
         scores = scores + bias.reshape(batch, kv_heads, groups, q_len, -1)
+    # The mask as an additive bias rather than a select: its gradient is the identity, so the backward pass
+    # neither saves the mask nor runs a select over every score (on XLA:CPU a large share of the step).
     mask = document_mask(q_segment_ids, k_segment_ids)[:, :, None]           # (batch, 1, 1, q_length, k_length)
-    scores = jnp.where(mask, scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask, probs, 0.0).astype(v.dtype)                       # padding queries attend to nothing
+    scores = scores + jnp.where(mask, 0.0, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)                           # (batch, q_length, kv_heads, groups, head_dim)
+    # A padding query (segment id 0) sees no key: its softmax is uniform over masked scores; it attends to nothing.
+    out = out * (q_segment_ids != 0)[:, :, None, None, None].astype(out.dtype)
     return out.reshape(batch, q_len, heads, head_dim)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.model.spec import ParamSpec, normal, param_specs
-from jaxllm.model.transformer import hidden_states, logits_from_hidden
+from jaxllm.model.transformer import hidden_states, target_log_z
 
 
 def reward_model_specs(cfg: ModelConfig) -> dict:
@@ -39,9 +39,9 @@ def pair_rewards(params, batch: dict, cfg: ModelConfig) -> jax.Array:
 def pair_logprobs(params, batch: dict, cfg: ModelConfig) -> jax.Array:
     """Summed log-probabilities of the response tokens of (chosen, rejected): (batch, 2) float32."""
     tokens, segment_ids, positions = _flatten_pairs(batch)
-    logits = logits_from_hidden(params, hidden_states(params, tokens, cfg, segment_ids, positions), cfg)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)                       # (2·batch, length, vocab)
+    h = hidden_states(params, tokens, cfg, segment_ids, positions)                       # (2·batch, length, embed)
     targets = batch["targets"].reshape(tokens.shape)
     mask = batch["loss_mask"].reshape(tokens.shape)
-    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]          # (2·batch, length)
+    log_z, target_logit = target_log_z(params, h, targets, cfg)                           # each (2·batch, length)
+    token_logp = target_logit - log_z
     return jnp.sum(token_logp * mask, axis=-1).reshape(-1, 2)

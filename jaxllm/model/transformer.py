@@ -27,6 +27,7 @@ from jaxllm.model.attention import attention
 from jaxllm.model.layers import apply_rope, rms_norm, rope_frequencies
 from jaxllm.model.lora import project
 from jaxllm.model.quantize import as_compute
+from jaxllm.model.vocab_softmax import log_z_and_target
 from jaxllm.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -170,6 +171,14 @@ def logits_from_hidden(params, h: jax.Array, cfg: ModelConfig | None = None) -> 
         real = jnp.arange(logits.shape[-1]) < cfg.valid_vocab_size               # (vocab,)
         logits = jnp.where(real, logits, PADDED_LOGIT)
     return constrain(logits, ("batch", "length", "vocab"))
+
+
+def target_log_z(params, h: jax.Array, targets: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(log Z, the target's logit), each (batch, length) float32, from final-norm hidden states h (batch, length,
+    embed): what every token loss reads, without forming the (batch, length, vocab) logits (vocab_softmax.py).
+    Equal to logsumexp and take_along_axis of logits_from_hidden(params, h, cfg)."""
+    return log_z_and_target(h, lm_head_weight(params).astype(h.dtype), targets, valid_vocab=cfg.valid_vocab_size,
+                            padded_logit=PADDED_LOGIT)
 
 
 def forward(params, tokens, cfg: ModelConfig, segment_ids=None, positions=None) -> jax.Array:

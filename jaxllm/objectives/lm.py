@@ -16,21 +16,23 @@ from jaxllm.config import Config, ModelConfig
 from jaxllm.data import load_documents, lm_pipeline, mixture_stats, split_heldout, total_lanes
 from jaxllm.data.mixture import from_config as mixture_from_config
 from jaxllm.model.spec import param_specs
-from jaxllm.model.transformer import forward
+from jaxllm.model.transformer import hidden_states, target_log_z
 from jaxllm.objectives import Objective
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0) -> dict:
-    """Masked next-token cross-entropy, computed in float32.
-
-    logits: (batch, length, vocab); targets, mask: (batch, length). Returns sums over masked tokens:
-    `loss` (cross-entropy + z_loss·log(Z)², what is differentiated), `nll` (cross-entropy alone),
-    `z_loss` and `tokens`.
-    """
+    """Masked next-token cross-entropy from logits (batch, length, vocab); targets, mask: (batch, length).
+    See cross_entropy_sums; training reads log Z and the target's logit without forming the logits."""
     logits = logits.astype(jnp.float32)
-    mask = mask.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)                                    # (batch, length)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return cross_entropy_sums(log_z, target_logit, mask, z_loss)
+
+
+def cross_entropy_sums(log_z: jax.Array, target_logit: jax.Array, mask: jax.Array, z_loss: float = 0.0) -> dict:
+    """Sums over masked tokens, in float32, from log Z and the target's logit, each (batch, length): `loss`
+    (cross-entropy + z_loss·log(Z)², what is differentiated), `nll` (cross-entropy alone), `z_loss`, `tokens`."""
+    mask = mask.astype(jnp.float32)
     nll = (log_z - target_logit) * mask
     z_term = z_loss * jnp.square(log_z) * mask
     return {"loss": jnp.sum(nll + z_term), "nll": jnp.sum(nll), "z_loss": jnp.sum(z_term),
@@ -40,9 +42,10 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, 
 def lm_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, z_loss: float = 0.0):
     """Next-token loss on packed rows: batch has tokens, targets, loss_mask, segment_ids, positions,
     each (batch, length)."""
-    logits = forward(params, batch["tokens"], model_cfg, segment_ids=batch["segment_ids"],
-                     positions=batch["positions"])                        # (batch, length, vocab)
-    sums = token_cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+    h = hidden_states(params, batch["tokens"], model_cfg, segment_ids=batch["segment_ids"],
+                      positions=batch["positions"])                      # (batch, length, embed)
+    log_z, target_logit = target_log_z(params, h, batch["targets"], model_cfg)   # each (batch, length)
+    sums = cross_entropy_sums(log_z, target_logit, batch["loss_mask"], z_loss)
     total = sums.pop("loss")                       # what is differentiated: cross-entropy + z-loss
     return total, {"loss": sums["nll"], "z_loss": sums["z_loss"], "count": sums["tokens"]}
 
