@@ -104,3 +104,41 @@ def test_run_in_a_bucket_on_prepared_data_there_stopped_and_resumed_exactly(s3_b
                         "--window=32"]) == 0
     overall = json.loads((root / "eval" / "ppl.json").read_text())["overall"]
     assert overall["tokens"] > 100 and overall["perplexity"] == pytest.approx(2 ** overall["bits_per_token"])
+
+
+def test_metrics_in_a_bucket_are_buffered_whole_objects_and_resume_drops_later_rows(s3_bucket):
+    """An object cannot be appended to: the writer keeps rows until flush() and writes metrics.jsonl whole. A run
+    resumed at step 3 drops rows 4 and 5 of the run that crashed, then logs them again: one row per step."""
+    from jaxllm.metrics import MetricWriter, drop_rows_after
+    workdir = f"{s3_bucket}/run"
+    writer = MetricWriter(workdir, flush_seconds=3600)
+    for step in range(1, 6):
+        writer.write(step, {"train/loss": 10.0 - step})
+    path = epath.Path(workdir) / "metrics.jsonl"
+    assert not path.exists()                          # buffered: nothing written between flushes
+    writer.flush()
+    assert [r["step"] for r in strict_rows(path.read_text())] == [1, 2, 3, 4, 5]
+    path.write_text(path.read_text() + '{"step": 6, "train/lo')   # a row cut short by a crash
+    writer.close()
+
+    assert drop_rows_after(path, 3) == 3
+    writer = MetricWriter(workdir, flush_seconds=3600)
+    for step in (4, 5):
+        writer.write(step, {"train/loss": float("nan")})
+    writer.close()
+    rows = strict_rows(path.read_text())
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["train/loss"] is None
+    assert len(list((epath.Path(workdir) / "tensorboard").iterdir())) == 2
+
+
+def test_tokenizer_trained_into_a_bucket_is_the_one_trained_locally(s3_bucket, english_corpus, tmp_path):
+    """A run given no tokenizer trains one into its workdir: sentencepiece writes local files, so it trains in a
+    temporary folder and uploads; the model has the pieces of the one trained locally with the same seed (the
+    files differ only in the training folder sentencepiece records)."""
+    from jaxllm.tokenizer import load_tokenizer, train_tokenizer
+    remote = train_tokenizer(input_files=[english_corpus], out_dir=f"{s3_bucket}/run", vocab_size=400)
+    local = train_tokenizer(input_files=[english_corpus], out_dir=tmp_path, vocab_size=400)
+    assert remote.path == f"{s3_bucket}/run/tokenizer.model"
+    again = load_tokenizer(f"{s3_bucket}/run")                    # read back from the bucket
+    assert [again.id_to_piece(i) for i in range(400)] == [local.id_to_piece(i) for i in range(400)]
+    assert (epath.Path(s3_bucket) / "run" / "tokenizer.vocab").read_text() == (tmp_path / "tokenizer.vocab").read_text()
