@@ -142,3 +142,31 @@ def test_tokenizer_trained_into_a_bucket_is_the_one_trained_locally(s3_bucket, e
     again = load_tokenizer(f"{s3_bucket}/run")                    # read back from the bucket
     assert [again.id_to_piece(i) for i in range(400)] == [local.id_to_piece(i) for i in range(400)]
     assert (epath.Path(s3_bucket) / "run" / "tokenizer.vocab").read_text() == (tmp_path / "tokenizer.vocab").read_text()
+
+
+def test_a_step_cut_short_in_the_bucket_is_not_resumed_from_and_is_written_again(s3_bucket):
+    """Objects cannot be renamed, so a step is written in place and finished by commit_success.txt: a host killed
+    mid-save leaves a step without it, which neither jaxllm nor Orbax counts, and the resumed run saves it again."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jaxllm.checkpoint import RunCheckpointer, checkpoint_steps
+    workdir = f"{s3_bucket}/run"
+    checkpoints = epath.Path(workdir) / "checkpoints"
+    state = {"w": jnp.arange(8.0)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    ckpt = RunCheckpointer(workdir, async_save=False)
+    ckpt.save(2, state, {"position": 2})
+    ckpt.close()
+    for name in ("_CHECKPOINT_METADATA", "state/_METADATA"):     # what a save killed early leaves behind
+        (checkpoints / "4" / name).write_text("{}")
+
+    ckpt = RunCheckpointer(workdir, async_save=False)
+    assert checkpoint_steps(checkpoints) == ckpt.manager.all_steps() == [2]
+    step, restored, data = ckpt.restore_newest(abstract)
+    assert step == 2 and data == {"position": 2}
+    np.testing.assert_array_equal(restored["w"], np.arange(8.0))
+    ckpt.save(4, {"w": state["w"] * 4}, {"position": 4})
+    assert checkpoint_steps(checkpoints) == [2, 4]
+    np.testing.assert_array_equal(ckpt.restore(4, abstract)[0]["w"], np.arange(8.0) * 4)
+    ckpt.close()
