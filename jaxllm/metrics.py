@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 import uuid
@@ -61,8 +62,12 @@ class MetricWriter:
             try:
                 from tensorboardX import SummaryWriter
                 if self.remote:
+                    # Its own local folder, uploaded file by file; the suffix keeps two writers of one second (a
+                    # quick resume) from naming their event files alike and overwriting each other in the bucket.
                     self._tb_local = tempfile.mkdtemp(prefix="jaxllm-tensorboard-")
-                self._tb = SummaryWriter(self._tb_local or str(self._tb_dir))
+                    self._tb = SummaryWriter(self._tb_local, filename_suffix=f".{uuid.uuid4().hex[:8]}")
+                else:
+                    self._tb = SummaryWriter(str(self._tb_dir))
             except ImportError:  # TensorBoard is optional: JSONL and PNGs always work
                 logging.warning("tensorboardX is not installed: no TensorBoard event files")
 
@@ -106,6 +111,9 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
         self.flush()
+        if self._tb_local is not None:   # uploaded by flush(): the local copy goes
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb, self._tb_local = None, None
         if self._wandb is not None:
             self._wandb.finish()
 
