@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxllm import config as config_lib
+from jaxllm import storage
 from jaxllm.config import ModelConfig
 from jaxllm.distributed import barrier
 from jaxllm.model import lora as lora_lib
@@ -50,12 +51,16 @@ class DamagedCheckpointError(ValueError):
 DAMAGED_DIR = "checkpoints_damaged"   # <workdir>/checkpoints_damaged/<step>-<UTC time>: set aside, never deleted
 
 
-def checkpoint_steps(directory: Path) -> list[int]:
-    """The committed steps in a checkpoints/ directory, oldest first (Orbax writes a step under a temporary
-    name and renames it when complete, so a digit name is a committed step)."""
+def checkpoint_steps(directory) -> list[int]:
+    """The committed steps in a checkpoints/ directory, oldest first. Locally Orbax writes a step under a temporary
+    name and renames it when complete, so a digit name is a committed step; on an object store (no rename) a step
+    is committed when its commit_success.txt is there."""
+    directory = storage.as_path(directory)
     if not directory.is_dir():
         return []
-    return sorted(int(s.name) for s in directory.iterdir() if s.name.isdigit() and s.is_dir())
+    remote = storage.is_remote(directory)
+    return sorted(int(s.name) for s in directory.iterdir() if s.name.isdigit() and s.is_dir()
+                  and (not remote or (s / storage.COMMIT_FILE).exists()))
 
 
 def missing_files(step_dir: Path) -> str | None:
@@ -143,7 +148,7 @@ def _process_file(index: int, count: int) -> str:
 def data_state_files(directory) -> dict[tuple[int, int], Path]:
     """{(process index, process count): file} of the per-process data states in a step's DATA_ITEM folder."""
     found = {}
-    for f in Path(directory).glob("process_*-of-*.json"):
+    for f in storage.as_path(directory).glob("process_*-of-*.json"):
         m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", f.name)
         if m:
             found[(int(m.group(1)), int(m.group(2)))] = f
@@ -210,9 +215,11 @@ class RunCheckpointer:
     """Orbax CheckpointManager over <workdir>/checkpoints: async saves, keep-N, resume from the newest."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = storage.absolute(workdir) / "checkpoints"
+        storage.prepare_checkpoint_path(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
+                                               create=True, atomicity_options=storage.checkpoint_atomicity(
+                                                   self.directory))
         # Naming the handlers lets a fresh process read an existing step's metadata before restoring it.
         # "data" (process 0's iterator state only) is read from older checkpoints; new ones write DATA_ITEM.
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
@@ -260,8 +267,7 @@ class RunCheckpointer:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         target = self.directory.parent / DAMAGED_DIR / f"{step}-{stamp}"
         if jax.process_index() == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.directory / str(step)), str(target))
+            storage.move_tree(self.directory / str(step), target)
         barrier("jaxllm_damaged_checkpoint")
         self.manager.reload()
         logging.warning("checkpoint %d is damaged (%s): moved to %s; resuming from step %d", step, reason, target,
@@ -320,14 +326,15 @@ class RunCheckpointer:
 
 def save_params(out_dir: str, params, model_cfg: ModelConfig, tokenizer_path: str | None = None) -> str:
     """Writes params (Orbax), the model config and the tokenizer, so the directory stands alone."""
-    out = Path(out_dir).absolute()
+    out = storage.absolute(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    storage.prepare_checkpoint_path(out)
     (out / MODEL_CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(model_cfg), indent=2))
     if tokenizer_path:
         load_tokenizer(tokenizer_path).save(out)   # tokenizer.model, or tokenizer.json with its config
     params_dir = out / "params"
     if params_dir.exists():
-        shutil.rmtree(params_dir)
+        params_dir.rmtree() if storage.is_remote(params_dir) else shutil.rmtree(params_dir)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, params)
     return str(out)
@@ -347,7 +354,8 @@ def lora_of_run(workdir: Path) -> tuple[config_lib.LoraConfig, str] | None:
 
 def describe_checkpoint(path: str) -> dict:
     """What a --checkpoint path points at: {kind, model_cfg, tokenizer, params_dir|step_dir}."""
-    p = Path(path).absolute()
+    p = storage.absolute(path)
+    storage.prepare_checkpoint_path(p)
     if (p / MODEL_CONFIG_FILE).exists() and (p / "params").exists():
         model_cfg = config_lib.model_config_from_dict(json.loads((p / MODEL_CONFIG_FILE).read_text()))
         return {"kind": "params", "model_cfg": model_cfg, "params_dir": p / "params",

@@ -9,12 +9,11 @@ chat_template.jinja of a run or a checkpoint, an HF folder's tokenizer_config.js
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from jax.sharding import Mesh
 
-from jaxllm import checkpoint, hub, sharding
+from jaxllm import checkpoint, hub, sharding, storage
 from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.data.templates import ChatTemplate, model_template
 from jaxllm.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
@@ -57,5 +56,5 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: Mesh | 
         cfg = dataclasses.replace(cfg, **overrides)
         cfg.validate()
     where = next(description[k] for k in ("step_dir", "params_dir", "hf_dir") if k in description)
-    template = model_template(Path(where).parent if description["kind"] == "params" else where)
+    template = model_template(storage.as_path(where).parent if description["kind"] == "params" else where)
     return InferenceModel(params, cfg, load_tokenizer(tokenizer or saved_tokenizer), template)

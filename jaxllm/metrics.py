@@ -2,15 +2,19 @@
 plots; plus MFU."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import jax
+
+from jaxllm import storage
 
 # Dense bf16 peak per chip, TFLOP/s (vendor datasheets). Used for MFU when train.peak_tflops is 0.
 _PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "v5e": 197.0, "v5 lite": 197.0, "v5p": 459.0,
@@ -49,18 +53,35 @@ def interval_throughput(*, steps: int, batch_tokens: int, passes: int, flops_per
 
 class MetricWriter:
     """Writes each logged step once to every sink: metrics.jsonl, TensorBoard, and W&B when a run is given.
-    Only process 0 writes."""
+    Only process 0 writes.
 
-    def __init__(self, workdir: str, enabled: bool = True, wandb_run=None):
+    In an object-store workdir (gs://, s3://), which cannot append, rows are buffered and metrics.jsonl is written
+    whole at most every `flush_seconds`, at every `flush()` (the trainer's, before each checkpoint: every row up to
+    a saved step is in the bucket before that step is) and at close. TensorBoard writes its event file in a local
+    folder, uploaded whole (tensorboard/<file>) at the same moments."""
+
+    def __init__(self, workdir: str, enabled: bool = True, wandb_run=None, flush_seconds: float = 30.0):
         self.enabled = enabled
-        self.path = Path(workdir) / "metrics.jsonl"
-        self._tb = None
+        self.path = storage.as_path(workdir) / "metrics.jsonl"
+        self.remote = storage.is_remote(self.path)
+        self.flush_seconds = flush_seconds
+        self._rows: list[str] = []          # object store: rows not yet in metrics.jsonl
+        self._written: str | None = None    # object store: metrics.jsonl as last written (read at the first flush)
+        self._last_flush = time.time()
+        self._tb = self._tb_local = None
+        self._tb_dir = storage.as_path(workdir) / "tensorboard"
         self._wandb = wandb_run
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+                if self.remote:
+                    # Its own local folder, uploaded file by file; the suffix keeps two writers of one second (a
+                    # quick resume) from naming their event files alike and overwriting each other in the bucket.
+                    self._tb_local = tempfile.mkdtemp(prefix="jaxllm-tensorboard-")
+                    self._tb = SummaryWriter(self._tb_local, filename_suffix=f".{uuid.uuid4().hex[:8]}")
+                else:
+                    self._tb = SummaryWriter(str(self._tb_dir))
             except ImportError:  # TensorBoard is optional: JSONL and PNGs always work
                 logging.warning("tensorboardX is not installed: no TensorBoard event files")
 
@@ -70,24 +91,51 @@ class MetricWriter:
         finite = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
         # NaN / Inf are written as null: strict JSON readers reject bare NaN, and a missing key would hide them.
         row = {"step": int(step), **{k: finite.get(k) for k in values}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+        line = json.dumps(row, allow_nan=False) + "\n"
+        if self.remote:
+            self._rows.append(line)
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self._tb is not None:
             for k, v in finite.items():
                 self._tb.add_scalar(k, v, int(step))
         if self._wandb is not None:
             self._wandb.log(finite, step=int(step))
+        if self.remote and time.time() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Object store: writes metrics.jsonl whole with the buffered rows, and uploads the TensorBoard files."""
+        self._last_flush = time.time()
+        if not (self.enabled and self.remote):
+            return
+        if self._rows:
+            if self._written is None:
+                self._written = self.path.read_text() if self.path.exists() else ""
+            self._written += "".join(self._rows)
+            self.path.write_text(self._written)
+            self._rows = []
+        if self._tb is not None:
+            self._tb.flush()
+            for f in Path(self._tb_local).iterdir():
+                storage.upload_file(f, self._tb_dir / f.name)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        self.flush()
+        if self._tb_local is not None:   # uploaded by flush(): the local copy goes
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb, self._tb_local = None, None
         if self._wandb is not None:
             self._wandb.finish()
 
 
-def drop_rows_after(path: Path, step: int) -> int:
+def drop_rows_after(path, step: int) -> int:
     """Resuming at `step` after a crash: the rows logged after it describe steps that run again now; drop them so
     every step has one row. Returns how many were dropped (logged by the caller). Rewritten atomically."""
+    path = storage.as_path(path)
     if not path.exists():
         return 0
 
@@ -101,9 +149,7 @@ def drop_rows_after(path: Path, step: int) -> int:
     kept = [line for line in lines if logged_by_then(line)]
     dropped = len(lines) - len(kept)
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        storage.write_text(path, "".join(line + "\n" for line in kept))
     return dropped
 
 
@@ -128,12 +174,14 @@ def open_wandb_run(wandb, log_cfg, workdir: str, config: dict):
     """The W&B run of this workdir: a resumed workdir continues the same W&B run (its id is kept in
     <workdir>/wandb_run_id). The mode comes from W&B's own settings, so WANDB_MODE=offline writes
     <workdir>/wandb/ for `wandb sync`."""
-    id_file = Path(workdir) / "wandb_run_id"
+    id_file = storage.as_path(workdir) / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:16]
     id_file.write_text(run_id + "\n")
+    # W&B keeps its files in a local folder: the workdir's own, or for an object store a per-machine cache one
+    local = storage.local_cache_dir(workdir, "wandb") if storage.is_remote(workdir) else workdir
     return wandb.init(project=log_cfg.wandb, entity=log_cfg.wandb_entity or None,
-                      name=log_cfg.wandb_name or Path(workdir).absolute().name, id=run_id, resume="allow",
-                      dir=str(workdir), config=config)
+                      name=log_cfg.wandb_name or storage.absolute(workdir).name, id=run_id, resume="allow",
+                      dir=str(local), config=config)
 
 
 class Progress:
@@ -156,14 +204,20 @@ def _fmt(v) -> str:
     return f"{v:.4f}"
 
 
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path) -> list[dict]:
+    return [json.loads(line) for line in storage.as_path(path).read_text().splitlines() if line.strip()]
+
+
+def save_figure(fig, out_png, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG file, local or in an object store (rendered to bytes, written whole)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    storage.write_bytes(out_png, buffer.getvalue())
 
 
 def plot_curves(metrics_path: str, out_png: str, keys=("train/loss", "eval/loss"), title: str = "loss") -> str | None:
     """Draws the named metrics against step into one PNG; returns its path (None if nothing to draw)."""
-    if not os.path.exists(metrics_path):
+    if not storage.as_path(metrics_path).exists():
         return None
     import matplotlib
     matplotlib.use("Agg")
@@ -186,8 +240,7 @@ def plot_curves(metrics_path: str, out_png: str, keys=("train/loss", "eval/loss"
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
+    save_figure(fig, out_png)
     plt.close(fig)
     return out_png
 
@@ -201,15 +254,12 @@ def record_gap_distribution(workdir: str, step: int, gaps, bins: int = 30) -> No
     import matplotlib.pyplot as plt
 
     gaps = np.asarray(gaps, np.float64)
-    history_path = Path(workdir) / "eval" / "reward_gaps.jsonl"
-    history_path.parent.mkdir(parents=True, exist_ok=True)
+    history_path = storage.as_path(workdir) / "eval" / "reward_gaps.jsonl"
     row = {"step": int(step), "mean": float(gaps.mean()), "var": float(gaps.var()),
            "accuracy": float((gaps > 0).mean()), "n": int(gaps.size), "gaps": [round(float(g), 5) for g in gaps]}
-    with history_path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    storage.append_text(history_path, json.dumps(row) + "\n")
     history = {r["step"]: r for r in read_metrics(str(history_path))}   # a resumed run may repeat a step
-    plots = Path(workdir) / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
+    plots = storage.as_path(workdir) / "plots"
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.hist(gaps, bins=bins, color="tab:blue", alpha=0.8)
@@ -219,7 +269,7 @@ def record_gap_distribution(workdir: str, step: int, gaps, bins: int = 30) -> No
     ax.set_xlabel("gap")
     ax.set_ylabel("held-out pairs")
     fig.tight_layout()
-    fig.savefig(plots / f"reward_gap_hist_step{step:06d}.png", dpi=110)
+    save_figure(fig, plots / f"reward_gap_hist_step{step:06d}.png")
     plt.close(fig)
 
     steps = sorted(history)
@@ -239,5 +289,5 @@ def record_gap_distribution(workdir: str, step: int, gaps, bins: int = 30) -> No
     right.set_xlabel("gap")
     right.legend()
     fig.tight_layout()
-    fig.savefig(plots / "reward_gap_curve.png", dpi=110)
+    save_figure(fig, plots / "reward_gap_curve.png")
     plt.close(fig)

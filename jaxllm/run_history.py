@@ -21,10 +21,10 @@ import dataclasses
 import datetime
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from jaxllm import config as config_lib
+from jaxllm import storage
 from jaxllm.config import Config, ConfigError
 
 HISTORY_DIR = "config_history"
@@ -128,8 +128,10 @@ def record_config_change(workdir: Path, old: dict, changes: list[Change], reason
     record = {"time": now.isoformat(), "newest_checkpoint": newest_step, "accepted_because": reason,
               "changes": {c.field: {"old": c.old, "new": c.new} for c in changes}, "previous": old}
     if old_tokenizer is not None and old_tokenizer.exists():
-        record["previous_tokenizer"] = str(shutil.copyfile(old_tokenizer, folder / f"{stamp}.tokenizer.model"))
-    path.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        kept = folder / f"{stamp}.tokenizer.model"
+        storage.write_bytes(kept, old_tokenizer.read_bytes())
+        record["previous_tokenizer"] = str(kept)
+    storage.write_text(path, json.dumps(record, indent=2, ensure_ascii=False))
     logging.warning("config.json changed (%s; %s): the previous config and the changes are in %s",
                     "; ".join(map(str, changes)), reason, path)
     return path

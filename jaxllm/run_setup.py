@@ -10,14 +10,12 @@ The resolved config is what workdir/config.json holds, so a resumed run restores
 from __future__ import annotations
 
 import dataclasses
-import filecmp
 import json
 import logging
-from pathlib import Path
 
 import jax
 
-from jaxllm import distributed, hub, run_history, sharding
+from jaxllm import distributed, hub, run_history, sharding, storage
 from jaxllm.checkpoint import RUN_CONFIG_FILE, checkpoint_steps, describe_checkpoint, load_params_on_mesh
 from jaxllm.config import Config, ConfigError, init_checkpoint
 from jaxllm.data import templates
@@ -111,7 +109,7 @@ def resolve_model_vocab(cfg: Config, tokenizer: Tokenizer | HFTokenizer) -> Conf
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
-def saved_config(workdir: Path) -> dict | None:
+def saved_config(workdir) -> dict | None:
     """The workdir's config.json, or None when there is none."""
     path = workdir / RUN_CONFIG_FILE
     if not path.exists():
@@ -139,11 +137,11 @@ def _same_template(cfg: Config, old: dict) -> bool:
 def prepare_workdir(cfg: Config, tokenizer: Tokenizer | HFTokenizer) -> None:
     """The resolved config and the tokenizer, written once (process 0) into the workdir. A workdir that already
     holds a run keeps describing its checkpoints: changes are refused or recorded (run_history.py)."""
-    workdir = Path(cfg.workdir)
+    workdir = storage.as_path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     new, old = run_history.as_json(cfg), saved_config(workdir)
     saved_tokenizer = workdir / tokenizer.filename      # tokenizer.model, or a Hugging Face tokenizer.json
-    same_tokenizer = saved_tokenizer.exists() and filecmp.cmp(tokenizer.path, saved_tokenizer, shallow=False)
+    same_tokenizer = storage.same_bytes(tokenizer.path, saved_tokenizer)
     changes, reason, newest = [], None, max(checkpoint_steps(workdir / "checkpoints"), default=None)
     if old is not None:
         changes, reason = run_history.check_config_change(workdir, old, new, newest, cfg.allow_config_change,
@@ -154,8 +152,8 @@ def prepare_workdir(cfg: Config, tokenizer: Tokenizer | HFTokenizer) -> None:
             run_history.record_config_change(workdir, old, changes, reason, newest,
                                              old_tokenizer=None if same_tokenizer else saved_tokenizer)
         if old is None or changes:
-            (workdir / RUN_CONFIG_FILE).write_text(json.dumps(new, indent=2))
-        if Path(tokenizer.path).resolve() != saved_tokenizer.resolve():
+            storage.write_text(workdir / RUN_CONFIG_FILE, json.dumps(new, indent=2))
+        if not storage.same_file(tokenizer.path, saved_tokenizer):
             tokenizer.save(workdir)
 
 
@@ -184,13 +182,13 @@ def setup_run(cfg: Config) -> RunSetup:
     nproc = jax.process_count()
     if cfg.train.batch_size % nproc:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must divide across {nproc} processes")
-    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+    storage.as_path(cfg.workdir).mkdir(parents=True, exist_ok=True)
     if init_checkpoint(cfg):    # a Hub id becomes its local snapshot, before anything reads init_from
         cfg = dataclasses.replace(cfg, init_from=hub.resolve_model_path(cfg.init_from))
     cfg, init_tokenizer = architecture_from_init(cfg)
     tokenizer = tokenizer_for_run(cfg, init_tokenizer)
     cfg = fit_run_to_tokenizer(cfg, tokenizer.vocab_size, init_tokenizer)   # init_from + a larger tokenizer
-    cfg = resolve_model_vocab(dataclasses.replace(cfg, tokenizer=str(Path(tokenizer.path).absolute())), tokenizer)
+    cfg = resolve_model_vocab(dataclasses.replace(cfg, tokenizer=str(storage.absolute(tokenizer.path))), tokenizer)
     prepare_workdir(cfg, tokenizer)
     save_run_template(cfg)
     return RunSetup(cfg, tokenizer, init_tokenizer, sharding.make_mesh(cfg.mesh))

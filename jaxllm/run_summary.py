@@ -3,10 +3,9 @@ and where every output went. Plain text from the config and the state's shapes; 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import jax
 
+from jaxllm import storage
 from jaxllm.config import Config, OptimConfig, init_checkpoint
 
 
@@ -61,13 +60,13 @@ def start_summary(cfg: Config, params, mesh, start_step: int) -> str:
         f"  tokens per step: {per_step:,} ({cfg.train.batch_size} rows x {cfg.data.seq_len}); "
         f"{per_step * cfg.train.steps:,} in all",
         f"  data: {_sources(cfg)}",
-        f"  workdir: {Path(cfg.workdir).absolute()}",
+        f"  workdir: {storage.absolute(cfg.workdir)}",
     ])
 
 
 def end_summary(workdir: str, steps: list[int], stopped_at: int) -> str:
     """The lines logged after the last step: where the checkpoints, metrics and plots are."""
-    root = Path(workdir).absolute()
+    root = storage.absolute(workdir)
     lines = [f"run finished at step {stopped_at}; outputs in {root}:",
              f"  checkpoints: {root / 'checkpoints'} (steps {', '.join(map(str, steps)) or 'none'})",
              f"  metrics: {root / 'metrics.jsonl'}"]

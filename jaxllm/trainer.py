@@ -12,13 +12,12 @@ import itertools
 import logging
 import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import distributed, sharding
+from jaxllm import distributed, sharding, storage
 from jaxllm import config as config_lib
 from jaxllm.checkpoint import RunCheckpointer, checkpoint_steps
 from jaxllm.config import Config
@@ -229,7 +228,7 @@ class TrainLoop:
                 self.ckpt.close()
                 self.writer.close()
         if jax.process_index() == 0:
-            plot_curves(str(self.writer.path), str(Path(cfg.workdir) / "plots" / "loss.png"))
+            plot_curves(self.writer.path, storage.as_path(cfg.workdir) / "plots" / "loss.png")
             logging.info("%s", end_summary(cfg.workdir, checkpoint_steps(self.ckpt.directory), step))
         if stop.interrupted:
             raise TrainingInterrupted(f"stopped by Ctrl-C at step {step} of {train_cfg.steps}; checkpoint saved in "
@@ -289,6 +288,7 @@ class TrainLoop:
             stopping = stop.reached(step)   # called at every step by every process
             if (train_cfg.save_every and step % train_cfg.save_every == 0) or stopping:
                 self.drain()
+                self.writer.flush()   # an object-store workdir: the rows up to this step land before the step
                 self.ckpt.save(step, state, batches.get_state())
             if stopping:
                 break

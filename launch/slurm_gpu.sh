@@ -11,11 +11,13 @@
 # command on N nodes (default: all of the allocation) and --kill-on-bad-exit stops all if one fails. SLURM
 # sends SIGTERM to every task before a pre-emption or the time limit (--signal=TERM@120 gives two minutes):
 # the run saves a checkpoint and exits, and the same command resumes. Output lines carry the task number
-# (srun --label) and are kept in DIR/slurm-<job>.log. --dry_run prints the commands and runs nothing.
+# (srun --label) and are kept in DIR/slurm-<job>.log. The workdir may be a gs:// or s3:// URL (pip install
+# 'jaxllm[cloud]'; srun passes this shell's AWS_* variables on) instead of a shared filesystem; what every node
+# reads and writes is printed first. --dry_run prints the commands and runs nothing.
 set -euo pipefail
 
 usage() {
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -56,6 +58,8 @@ cmd=(srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-e
      env JAXLLM_COORDINATOR="$coordinator" JAXLLM_NUM_PROCESSES="$nodes"
      "$python" -m jaxllm train --config="$config" "$@")
 echo "SLURM job $SLURM_JOB_ID: $nodes node(s) of ${hosts[*]}; coordinator $coordinator"
+. "$here/launch/storage_plan.sh"
+storage_plan "$nodes node(s), one process each" "$@"
 printf '+'; printf ' %q' "${cmd[@]}"; printf ' 2>&1 | tee -a %q\n' "$log"
 [ "$dry_run" = 1 ] && exit 0
 mkdir -p "$logdir"

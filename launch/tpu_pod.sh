@@ -3,7 +3,7 @@
 # multi-controller runtime (jax.distributed reads the slice's topology from the TPU metadata).
 #
 #   launch/tpu_pod.sh --tpu=NAME --zone=ZONE [--project=ID] [--logdir=DIR] [--skip_install] [--dry_run] \
-#       -- pretrain:model=llama2-7b --config.workdir=/mnt/shared/run [--config.a.b=value ...]
+#       -- pretrain:model=llama2-7b --config.workdir=gs://bucket/run [--config.a.b=value ...]
 #
 # 1. Packs this checkout (tracked and untracked, non-ignored files), copies it to every worker and installs
 #    it with the [tpu] extra into ~/jaxllm/.venv (--skip_install: reuse what is there).
@@ -12,12 +12,13 @@
 # 3. If a worker fails (or on Ctrl-C), stops every worker: SIGTERM first (the run saves a checkpoint if it
 #    still can), SIGKILL after a grace period. Running the same command again resumes from the newest
 #    checkpoint.
-# The workdir must be storage every worker sees (Filestore/NFS, or a gcsfuse mount).
-# --dry_run prints the commands and runs nothing.
+# The workdir is storage every worker sees: a gs:// or s3:// URL (written directly by every worker; the [cloud]
+# extra is installed), or a shared mount (Filestore/NFS, gcsfuse). The commands print what each worker reads and
+# writes there. --dry_run prints the commands and runs nothing.
 set -euo pipefail
 
 usage() {
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -41,6 +42,17 @@ done
 config="$1"; shift
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
+. "$here/launch/storage_plan.sh"
+workdir="$(config_flag workdir "$@")"
+extras="tpu"
+is_remote "$workdir" && extras="tpu,cloud"      # gcsfs / s3fs: the workers write the bucket themselves
+# An S3-compatible store's endpoint and region go to every worker (credentials stay in each worker's own setup).
+env_prefix="JAXLLM_DISTRIBUTED=tpu"
+if [[ "$workdir" == s3://* ]]; then
+  for v in AWS_ENDPOINT_URL AWS_REGION; do
+    [ -n "${!v:-}" ] && env_prefix+=" $v=$(printf '%q' "${!v}")"
+  done
+fi
 logdir="${logdir:-$here/logs/tpu/$tpu-$(date +%Y%m%d-%H%M%S)}"
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=(--zone="$zone")
@@ -48,11 +60,11 @@ where=(--zone="$zone")
 
 # The training command as the workers' shell will read it (every argument quoted).
 train=$(printf '%q ' .venv/bin/python -m jaxllm train --config="$config" "$@")
-remote_run="cd ~/jaxllm && { JAXLLM_DISTRIBUTED=tpu ${train}& pid=\$!; echo \$pid > ~/jaxllm-train.pid; \
+remote_run="cd ~/jaxllm && { ${env_prefix} ${train}& pid=\$!; echo \$pid > ~/jaxllm-train.pid; \
 wait \$pid; rc=\$?; echo \"[jaxllm] worker \$(hostname) exit code \$rc\"; exit \$rc; }"
 remote_install="mkdir -p ~/jaxllm && tar -xzf ~/jaxllm-src.tar.gz -C ~/jaxllm && cd ~/jaxllm && \
 { [ -x .venv/bin/python ] || python3 -m venv .venv; } && .venv/bin/pip install -q --upgrade pip && \
-.venv/bin/pip install -q -e \".[tpu]\""
+.venv/bin/pip install -q -e \".[$extras]\""
 remote_stop="pid=\$(cat ~/jaxllm-train.pid 2>/dev/null) || exit 0; kill -TERM \$pid 2>/dev/null || exit 0; \
 for i in \$(seq $grace); do kill -0 \$pid 2>/dev/null || exit 0; sleep 1; done; kill -KILL \$pid 2>/dev/null; true"
 
@@ -72,8 +84,9 @@ run() {
 
 tarball="${TMPDIR:-/tmp}/jaxllm-src-$tpu.tar.gz"
 echo "TPU pod slice $tpu ($zone): every worker runs"
-echo "  JAXLLM_DISTRIBUTED=tpu $train"
+echo "  $env_prefix $train"
 echo "worker logs: $logdir/<worker>.log"
+storage_plan "every worker of $tpu, one process each" "$@"
 
 if [ "$install" = 1 ]; then
   echo "+ git -C $here ls-files -z --cached --others --exclude-standard | tar -C $here --null -T - -czf $tarball"

@@ -279,6 +279,35 @@ def test_slurm_dry_run_takes_the_coordinator_from_the_node_list(tmp_path):
     assert out.returncode == 2 and "not inside a SLURM allocation" in out.stderr
 
 
+def test_launchers_take_a_bucket_workdir_and_say_what_every_host_reads_and_writes(tmp_path):
+    """A gs:// workdir on a TPU pod: the workers get the [cloud] extra and no shared mount is asked for; an s3://
+    workdir under SLURM: the same plan, with the S3 endpoint's variables named. Neither dry run starts anything."""
+    out = _launcher("tpu_pod.sh", "--tpu=my-pod", "--zone=us-east5-a", f"--logdir={tmp_path}", "--dry_run", "--",
+                    "pretrain:model=llama2-7b", "--config.workdir=gs://bkt/run",
+                    "--config.data.sources=gs://bkt/prepared/web").stdout
+    assert 'pip install -q -e ".[tpu,cloud]"' in out
+    assert "workdir gs://bkt/run: an object store every host writes directly" in out
+    assert "every host reads:  gs://bkt/prepared/web\n" in out and "copied once into each host's" in out
+    assert "every host writes: gs://bkt/run/checkpoints/<step>/state/ocdbt.process_<i>/ (its own array shards)" in out
+    assert "gs://bkt/run/metrics.jsonl (rewritten whole every 30 s and before each checkpoint)" in out
+    assert "VM's service account" in out and not any(tmp_path.iterdir())
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text('#!/bin/sh\nprintf "gpu01\\ngpu02\\n"\n')
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_NUM_NODES": "2"}
+    out = _launcher("slurm_gpu.sh", "--dry_run", f"--logdir={tmp_path}", "--", "pretrain",
+                    "--config.workdir=s3://bkt/run", env=env).stdout
+    assert "storage (2 node(s), one process each):" in out
+    assert "workdir s3://bkt/run: an object store every host writes directly" in out
+    assert "s3://bkt/run/checkpoints/<step>/data_per_process/process_<i>-of-<n>.json" in out
+    assert "AWS_ENDPOINT_URL and AWS_REGION name an S3-compatible store" in out
+    out = _launcher("slurm_gpu.sh", "--dry_run", f"--logdir={tmp_path}", "--", "pretrain",
+                    "--config.workdir=/shared/run", env=env).stdout
+    assert "workdir /shared/run: must be one filesystem that every host mounts" in out
+
+
 def test_memory_plan_of_llama2_7b_on_64_devices_is_the_sharded_share(capsys):
     from jaxllm import plan_memory
     from jaxllm.cli import load_config

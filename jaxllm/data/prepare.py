@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxllm import storage
 from jaxllm.data import records as records_lib
 from jaxllm.data.sources import open_source, source_files
 from jaxllm.progress import ProgressLog
@@ -140,8 +141,13 @@ def prepare(inputs: Sequence[str], tokenizer_path: str, out: str, *, workers: in
     """Tokenises `inputs` (source specs) into shards under `out`; returns the manifest (prepared.json).
 
     workers: processes (0 = os.cpu_count()). Finished shards of an earlier, interrupted run are kept.
+    `out` in an object store (gs://, s3://): see `prepare_to_store`.
     """
     from jaxllm.tokenizer import load_tokenizer
+    if storage.is_remote(out):
+        return prepare_to_store(inputs, tokenizer_path, out, workers=workers, docs_per_shard=docs_per_shard,
+                                jsonl_field=jsonl_field, text_split=text_split, on_error=on_error,
+                                max_doc_chars=max_doc_chars)
     if isinstance(inputs, str):
         inputs = [inputs]
     if not inputs:
@@ -187,4 +193,25 @@ def prepare(inputs: Sequence[str], tokenizer_path: str, out: str, *, workers: in
     os.replace(manifest_path + ".tmp", manifest_path)
     log.info("prepared %d documents, %d tokens in %d shards (%.1fs)", manifest["documents"], manifest["tokens"],
              len(ordered), time.time() - t0)
+    return manifest
+
+
+def prepare_to_store(inputs: Sequence[str], tokenizer_path: str, out: str, **options) -> dict:
+    """`prepare` into an object store: ArrayRecord's writer is C++ that writes local files only, so the shards are
+    built in a local staging folder (storage.local_cache_dir: a rerun on this machine resumes there) and uploaded
+    whole, prepared.json last, so a reader that finds it finds every shard. A file already in the store with the
+    same size is not uploaded again."""
+    staging = storage.local_cache_dir(out, "prepare-staging")
+    manifest = prepare(inputs, tokenizer_path, str(staging), **options)
+    remote = storage.as_path(out)
+    names = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
+    names.remove(records_lib.PREPARED_MANIFEST)
+    sent = 0
+    for name in names + [records_lib.PREPARED_MANIFEST]:
+        local, target = staging / name, remote / name
+        if name != records_lib.PREPARED_MANIFEST and target.exists() and target.stat().length == local.stat().st_size:
+            continue
+        storage.upload_file(local, target)
+        sent += local.stat().st_size
+    log.info("uploaded %.1f MB of %s to %s", sent / 1e6, staging, out)
     return manifest

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxllm import storage
+
 PREPARED_MANIFEST = "prepared.json"   # written last by `prepare`: its presence means every shard is complete
 SHARD_SUFFIX = ".tokens.array_record"
 
@@ -128,9 +130,23 @@ def check_shard(path: str, records: int, nbytes: int) -> str | None:
     return None
 
 
+def fetch_prepared(url: str) -> str:
+    """A local copy of a `prepare` output in an object store (ArrayRecord's reader opens local files only): its
+    shards and manifest in a per-machine cache (storage.local_cache_dir), fetched once; returns the local folder."""
+    manifest = json.loads((storage.as_path(url) / PREPARED_MANIFEST).read_text(encoding="utf-8"))
+    local = storage.local_cache_dir(url, "prepared")
+    sizes = {s["file"]: s["bytes"] for s in manifest["shards"]}
+    storage.fetch_files(url, sorted(sizes), local, sizes)
+    storage.fetch_files(url, [PREPARED_MANIFEST], local)   # last: its presence says the copy is whole
+    return str(local)
+
+
 def open_prepared(directory: str, tokenizer=None) -> tuple[TokenRecords, dict]:
     """(records, manifest) of a `prepare` output directory, after checking every shard's size and record
-    count and, when `tokenizer` is given, that the shards were written by that same tokenizer."""
+    count and, when `tokenizer` is given, that the shards were written by that same tokenizer. A directory in an
+    object store (gs://, s3://) is read from a local copy (`fetch_prepared`)."""
+    if storage.is_remote(directory):
+        directory = fetch_prepared(directory)
     path = os.path.join(directory, PREPARED_MANIFEST)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory}: no {PREPARED_MANIFEST}; `jaxllm data prepare` did not finish "
@@ -159,6 +175,8 @@ def open_prepared(directory: str, tokenizer=None) -> tuple[TokenRecords, dict]:
 
 
 def is_prepared(path: str) -> bool:
+    if storage.is_remote(path):
+        return (storage.as_path(path) / PREPARED_MANIFEST).exists()
     return os.path.isdir(path) and os.path.exists(os.path.join(path, PREPARED_MANIFEST))
 
 

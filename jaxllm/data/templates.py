@@ -25,6 +25,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from jaxllm import storage
+
 TEMPLATE_FILE = "chat_template.jinja"          # beside a run's or a checkpoint's tokenizer, as transformers saves it
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -196,7 +198,7 @@ def model_template(path: str | Path | None) -> ChatTemplate | None:
     post-training config names."""
     if not path:
         return None
-    p = Path(path)
+    p = storage.as_path(path)
     if p.is_file():
         p = p.parent
     if (p / "state").exists() and p.name.isdigit():          # <workdir>/checkpoints/<step>
@@ -223,7 +225,7 @@ def get_template(spec: "str | ChatTemplate") -> ChatTemplate:
         return spec
     if spec in BUILTINS:
         return ChatTemplate(spec, BUILTINS[spec])
-    p = Path(spec)
+    p = storage.as_path(spec)
     if p.is_file() and p.suffix == ".jinja":
         return from_text(p.read_text(encoding="utf-8"), str(p))
     found = model_template(p) if p.exists() else None
@@ -244,8 +246,8 @@ def run_template(spec: str, init_from: str | None) -> ChatTemplate:
 
 def save_template(directory: str | Path, template: ChatTemplate) -> Path:
     """Writes the template's text as `directory/chat_template.jinja` (the file name transformers reads)."""
-    out = Path(directory) / TEMPLATE_FILE
-    out.write_text(template.source, encoding="utf-8")
+    out = storage.as_path(directory) / TEMPLATE_FILE
+    storage.write_text(out, template.source)
     return out
 
 

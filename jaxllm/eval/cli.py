@@ -7,21 +7,21 @@ import json
 import logging
 from pathlib import Path
 
+from jaxllm import storage
 from jaxllm.cli import DefaultsHelpFormatter
 
 
 def _write(report: dict, out: str | None, checkpoint: str | None, name: str) -> None:
     """Writes the JSON report to --out, or to <workdir>/eval/<name>.json when the checkpoint is a run workdir."""
     if out is None and _is_workdir(checkpoint):
-        out = str(Path(checkpoint) / "eval" / f"{name}.json")
+        out = str(storage.as_path(checkpoint) / "eval" / f"{name}.json")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+        storage.write_text(out, json.dumps(report, ensure_ascii=False, indent=2))
         print(f"wrote {out}")
 
 
 def _is_workdir(checkpoint: str | None) -> bool:
-    return bool(checkpoint) and (Path(checkpoint) / "config.json").exists()
+    return bool(checkpoint) and (storage.as_path(checkpoint) / "config.json").exists()
 
 
 def _add_model_flags(p) -> None:

@@ -33,14 +33,13 @@ import functools
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import distributed, sharding, steps
+from jaxllm import distributed, sharding, steps, storage
 from jaxllm.config import Config, ConfigError, ModelConfig
 from jaxllm.data import split_heldout
 from jaxllm.data.formats import load_prompts
@@ -380,24 +379,22 @@ def evaluation(step: int, params, put_batch, workdir: str, *, rollouts: Rollouts
     total, each = rollouts.score(held, EVAL_SAMPLES, texts, completions)
     out = {"eval/reward": float(total.mean()), **{f"eval/reward_{k}": float(v.mean()) for k, v in each.items()}}
     if jax.process_index() == 0:
-        root = Path(workdir)
-        (root / "eval").mkdir(parents=True, exist_ok=True)
-        with open(root / "eval" / "samples.jsonl", "a") as f:
-            for i, text, r in zip([i for i in held for _ in range(EVAL_SAMPLES)], texts, total):
-                f.write(json.dumps({"step": step, "prompt": rollouts.prompts[i]["messages"][-1]["content"],
-                                    "completion": text, "reward": float(r)}, ensure_ascii=False) + "\n")
-        with open(root / "eval" / "rl_rewards.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **out}) + "\n")
+        root = storage.as_path(workdir)
+        storage.append_text(root / "eval" / "samples.jsonl", "".join(
+            json.dumps({"step": step, "prompt": rollouts.prompts[i]["messages"][-1]["content"], "completion": text,
+                        "reward": float(r)}, ensure_ascii=False) + "\n"
+            for i, text, r in zip([i for i in held for _ in range(EVAL_SAMPLES)], texts, total)))
+        storage.append_text(root / "eval" / "rl_rewards.jsonl", json.dumps({"step": step, **out}) + "\n")
         plot_reward_curve(root / "eval" / "rl_rewards.jsonl", root / "plots" / "rl_reward_curve.png")
     return out
 
 
-def plot_reward_curve(history: Path, out: Path) -> None:
+def plot_reward_curve(history, out) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in history.read_text().splitlines()]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from jaxllm.metrics import save_figure
+    rows = [json.loads(line) for line in storage.as_path(history).read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in sorted({k for r in rows for k in r if k.startswith("eval/reward")}):
         ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], marker="o",
@@ -406,7 +403,7 @@ def plot_reward_curve(history: Path, out: Path) -> None:
     ax.set_ylabel("mean reward of held-out prompts")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
 
 

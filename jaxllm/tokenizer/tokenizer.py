@@ -15,13 +15,15 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from jaxllm.storage import as_path
+
 MODEL_FILENAME = "tokenizer.model"  # the file name inside a checkpoint or tokenizer directory
 HF_FILENAME = "tokenizer.json"      # a Hugging Face fast tokenizer's file
 
 
 def resolve_model_file(path: str | os.PathLike) -> Path:
     """`path` itself if it is a file, else `path/tokenizer.model`; FileNotFoundError naming what was tried."""
-    p = Path(path)
+    p = as_path(path)
     if p.is_dir():
         p = p / MODEL_FILENAME
     if not p.is_file():
@@ -169,7 +171,7 @@ class Tokenizer(_SpecialTokens):
     # --- saving --------------------------------------------------------------------------------------------
     def save(self, out_dir: str | os.PathLike) -> str:
         """Writes the model, byte for byte, as `out_dir/tokenizer.model`; returns that path."""
-        out = Path(out_dir)
+        out = as_path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         target = out / MODEL_FILENAME
         target.write_bytes(self._proto)
@@ -185,7 +187,7 @@ class HFTokenizer(_SpecialTokens):
     filename = HF_FILENAME
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
+        path = as_path(path)
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -265,7 +267,7 @@ class HFTokenizer(_SpecialTokens):
 
     def save(self, out_dir: str | os.PathLike) -> str:
         """Writes tokenizer.json (and the tokenizer_config.json that names its special tokens); returns the path."""
-        out = Path(out_dir)
+        out = as_path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / HF_FILENAME).write_text(self._text, encoding="utf-8")
         if self._config:
@@ -277,20 +279,20 @@ def find_tokenizer_file(directory: str | os.PathLike) -> str | None:
     """The tokenizer file of a checkpoint, run or model folder: tokenizer.model (SentencePiece, exact) if present,
     else tokenizer.json; None when it has neither."""
     for name in (MODEL_FILENAME, HF_FILENAME):
-        if (Path(directory) / name).is_file():
-            return str(Path(directory) / name)
+        if (as_path(directory) / name).is_file():
+            return str(as_path(directory) / name)
     return None
 
 
 def tokenizer_file(path: str | os.PathLike) -> Path:
     """The tokenizer file `path` names: itself, or the one in a folder (tokenizer.model first, as SentencePiece is
     the exact reference where a folder has both); FileNotFoundError naming what was tried."""
-    p = Path(path)
+    p = as_path(path)
     if p.is_dir():
         found = find_tokenizer_file(p)
         if found is None:
             raise FileNotFoundError(f"{str(p)!r} holds no tokenizer ({MODEL_FILENAME} or {HF_FILENAME})")
-        p = Path(found)
+        p = as_path(found)
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer not found: {str(p)!r} (expected a SentencePiece .model, a Hugging Face "
                                 f"tokenizer.json, or a directory holding one)")

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, Sized
 
 import sentencepiece as spm
 
+from jaxllm import storage
 from jaxllm.progress import ProgressLog
 from jaxllm.tokenizer.tokenizer import MODEL_FILENAME, Tokenizer
 
@@ -182,6 +184,16 @@ def train_tokenizer(texts: Iterable[str] | None = None, *, input_files: Sequence
     if vocab_size <= len(SPECIAL_PIECES):
         raise ValueError(f"vocab_size={vocab_size} must exceed the {len(SPECIAL_PIECES)} special pieces")
 
+    if storage.is_remote(out_dir):   # sentencepiece writes local files: train in a temporary folder, upload both
+        with tempfile.TemporaryDirectory(prefix="jaxllm-tokenizer-") as local:
+            train_tokenizer(texts, input_files=input_files, out_dir=local, vocab_size=vocab_size, model_type=model_type,
+                            character_coverage=character_coverage, byte_fallback=byte_fallback,
+                            split_digits=split_digits, user_defined_symbols=user_defined_symbols,
+                            max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
+                            num_threads=num_threads, seed=seed)
+            for name in (MODEL_FILENAME, Path(MODEL_FILENAME).stem + ".vocab"):
+                storage.upload_file(Path(local) / name, storage.as_path(out_dir) / name)
+        return Tokenizer(storage.as_path(out_dir) / MODEL_FILENAME)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = _Lines(texts, input_files, max_sentence_length)
