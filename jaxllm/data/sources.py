@@ -48,6 +48,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxllm.data import indexed
 from jaxllm.data import records as records_lib
 from jaxllm.data.formats import RecordError, parse_json_records
 
@@ -103,23 +104,33 @@ def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "file
             if path.endswith(".array_record"):
                 parts.append(records_lib.TextRecords([path]))
                 continue
-            docs, file_skipped = _read_file(path, jsonl_field=jsonl_field, text_split=text_split, on_error=on_error)
-            parts.append(docs)
+            docs, file_skipped = _read_file(path, jsonl_field=jsonl_field, text_split=text_split, on_error=on_error,
+                                            piece_chars=piece_chars)
+            parts.append(_cut_all(docs, piece_chars, path) if isinstance(docs, list) else docs)
             skipped.update(file_skipped)
-        flat = all(isinstance(p, list) for p in parts)
-        docs = [d for p in parts for d in p] if flat else records_lib.Concat(parts)
+        if all(isinstance(p, list) for p in parts):
+            docs = [d for p in parts for d in p]
+        else:
+            docs = parts[0] if len(parts) == 1 else records_lib.Concat(parts)
         source = Source(spec, docs, skipped=dict(skipped))
-    if piece_chars > 0 and isinstance(source.records, list) and source.kind == "text":
-        whole = len(source.records)
-        source.records = [piece for doc in source.records for piece in cut_pieces(doc, piece_chars)]
-        if len(source.records) > whole:
-            log.info("data source %s: documents over %d characters cut into pieces: %d documents -> %d pieces",
-                     spec, piece_chars, whole, len(source.records))
+    if piece_chars > 0 and spec.startswith("builtin:"):
+        source.records = _cut_all(source.records, piece_chars, spec)
     if not len(source):
         raise RecordError(f"data source {spec!r} yielded no documents ({_describe(source.skipped)})", NO_DOCUMENTS)
     log.info("data source %s: %d %s read, %s", spec, len(source), "documents" if source.kind == "text" else
              "token documents", _describe(source.skipped))
     return source
+
+
+def _cut_all(docs: list, piece_chars: int, where: str) -> list:
+    """Documents read into memory, those over `piece_chars` characters cut into pieces (`cut_pieces`)."""
+    if piece_chars <= 0:
+        return docs
+    pieces = [piece for doc in docs for piece in cut_pieces(doc, piece_chars)]
+    if len(pieces) > len(docs):
+        log.info("data source %s: documents over %d characters cut into pieces: %d documents -> %d pieces",
+                 where, piece_chars, len(docs), len(pieces))
+    return pieces
 
 
 def _refuse_shard(path: str) -> None:
@@ -244,36 +255,20 @@ def _read_text(path: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _read_file(path: str, *, jsonl_field: str, text_split: str, on_error: str = "raise"
-               ) -> tuple[list[str], collections.Counter]:
-    """One file → (documents, {reason: count} of records skipped: empty, bad_json, missing_field, null)."""
+def _read_file(path: str, *, jsonl_field: str, text_split: str, on_error: str = "raise", piece_chars: int = 0
+               ) -> tuple[Sequence[str], collections.Counter]:
+    """One file → (documents, {reason: count} of records skipped: empty, bad_json, missing_field, null).
+
+    Text, JSON Lines and Parquet files are indexed and read lazily (indexed.py), already cut into pieces; a JSON
+    array is parsed whole into a list (cut by the caller)."""
+    if not (path.endswith((".jsonl", ".json")) and indexed.is_json_array(path)):
+        docs, skipped = indexed.open_indexed(path, split=text_split, field=jsonl_field, on_error=on_error,
+                                             max_chars=piece_chars)
+        return docs, collections.Counter(skipped)
     skipped = collections.Counter()
-    if path.endswith(".parquet"):
-        pieces, skipped["null"] = records_lib.read_parquet_texts(path, jsonl_field)
-        docs, skipped["empty"] = _non_empty(pieces)
-        return docs, +skipped
-    text = _read_text(path)
-    if path.endswith((".jsonl", ".json")):
-        pieces = _json_texts(path, text, jsonl_field, on_error, skipped)
-    elif text_split == "line":
-        pieces = _lines(text)
-    else:   # "file" or "paragraph": the text as written, indentation and inner newlines included
-        pieces = [text] if text_split == "file" else re.split(r"\n(?:[^\S\n]*\n)+", text)  # at blank lines
-        docs = [_trim_blank_lines(p) for p in pieces]
-        kept = [d for d in docs if d]
-        skipped["empty"] = len(docs) - len(kept)
-        return kept, +skipped
+    pieces = _json_texts(path, _read_text(path), jsonl_field, on_error, skipped)
     docs, skipped["empty"] = _non_empty(pieces)
     return docs, +skipped
-
-
-def _trim_blank_lines(text: str) -> str:
-    """Drops the blank lines before the first line of text and all trailing whitespace; the first line keeps
-    its indentation (a paragraph's leading spaces are part of how it is written). "" if all whitespace."""
-    return _LEADING_BLANK_LINES.sub("", text).rstrip()
-
-
-_LEADING_BLANK_LINES = re.compile(r"\A(?:[^\S\n]*\n)+")
 
 
 class TextPiece(str):
