@@ -170,20 +170,25 @@ def one_object_error(f, path: str):
     """The error for a JSON Lines file whose first line is no JSON because the file holds one pretty-printed
     object (read whole: this is only asked when the first record fails)."""
     from jaxllm.data.formats import NOT_RECORDS, RecordError
+    here = f.tell()
     f.seek(0)
     try:
         value = json.loads(f.read().decode("utf-8-sig"))
     except ValueError:
         return None
+    finally:
+        f.seek(here)
     if isinstance(value, dict):
         return RecordError(f"{path}: holds one JSON object, not records (a JSON array of objects or JSON Lines)",
                            NOT_RECORDS)
     return None
 
 
-def json_units(f, path: str, field: str, on_error: str, max_chars: int) -> Iterator[tuple]:
-    seen_record = False
-    for line in raw_lines(f):
+def json_units(f, path: str, field: str, on_error: str, max_chars: int, lines: Iterable[Line] | None = None,
+               seen_record: bool = False) -> Iterator[tuple]:
+    """The documents of a JSON Lines file, or of the given `lines` of it (Beam reads a byte range at a time;
+    `seen_record`: the range starts after the first record, so a bad line cannot mean a one-object file)."""
+    for line in raw_lines(f) if lines is None else lines:
         units = json_unit(line, path, field, "raise", max_chars)
         try:
             for unit in units:
@@ -197,7 +202,6 @@ def json_units(f, path: str, field: str, on_error: str, max_chars: int) -> Itera
             if on_error == "raise" or reason == "not_utf8":
                 raise
             yield "skip", "bad_json" if reason == "invalid JSON" else reason
-            f.seek(line.next)   # one_object_error may have moved the file
 
 
 def _blank(line: Line, path: str) -> bool:
@@ -294,15 +298,18 @@ def text_units(f, path: str, split: str, max_chars: int) -> Iterator[tuple]:
         yield "skip", "empty"
 
 
-def parquet_units(f, path: str, field: str, max_chars: int) -> Iterator[tuple]:
-    """The documents of a Parquet string column (stripped, nulls and empties skipped), a row group at a time."""
+def parquet_units(f, path: str, field: str, max_chars: int, groups: Iterable[int] | None = None
+                  ) -> Iterator[tuple]:
+    """The documents of a Parquet string column (stripped, nulls and empties skipped), a row group at a time;
+    all row groups, or the given ones (a Beam worker's share)."""
     import pyarrow.parquet as pq
     reader = pq.ParquetFile(f)
     if field not in reader.schema_arrow.names:
         raise ValueError(f"{path}: column {field!r} missing (columns: {reader.schema_arrow.names}); "
                          f"set data.jsonl_field")
-    row = 0
-    for group in range(reader.num_row_groups):
+    first_rows = np.cumsum([0] + [reader.metadata.row_group(g).num_rows for g in range(reader.num_row_groups)])
+    for group in range(reader.num_row_groups) if groups is None else groups:
+        row = int(first_rows[group])
         for value in reader.read_row_group(group, columns=[field]).column(0).to_pylist():
             if value is None:
                 yield "skip", "null"
@@ -324,11 +331,21 @@ def format_of(path: str) -> str:
     return "jsonl" if path.endswith((".jsonl", ".json")) else "txt"
 
 
+def streams(path: str) -> bool:
+    """Whether a file is read document by document (else: parsed whole, as a JSON array is)."""
+    if path.endswith((".jsonl", ".json")):
+        return not is_json_array(path)
+    return path.endswith((".txt", ".parquet"))
+
+
 def is_json_array(path: str) -> bool:
     """A .json / .jsonl file that is one JSON array (parsed whole: an array cannot be read record by record)."""
     with open_binary(path) as f:
-        head = f.read(4096).removeprefix(BOM).lstrip()
-    return head.startswith(b"[")
+        return starts_json_array(f.read(4096))
+
+
+def starts_json_array(head: bytes) -> bool:
+    return head.removeprefix(BOM).lstrip().startswith(b"[")
 
 
 def units(f, path: str, *, split: str, field: str, on_error: str, max_chars: int) -> Iterator[tuple]:
@@ -340,24 +357,26 @@ def units(f, path: str, *, split: str, field: str, on_error: str, max_chars: int
     return text_units(f, path, split, max_chars)
 
 
-def iter_documents(path: str, *, split: str, field: str, on_error: str, skipped: collections.Counter,
-                   max_chars: int = 0) -> Iterator[tuple[int, str]]:
+def iter_documents(path: str, *, split: str, field: str, on_error: str, skipped: collections.Counter
+                   ) -> Iterator[tuple[int, str]]:
     """(position, text) of every document of one file in a single pass, without an index (cleaning reads each
     document once); records skipped are counted in `skipped`."""
-    with open_binary(path) as f:
-        second = None
-        for unit in units(f, path, split=split, field=field, on_error=on_error, max_chars=max_chars):
-            if unit[0] == "skip":
-                skipped[unit[1]] += 1
-                continue
-            text = unit[5]
-            if text is None:   # a whole paragraph or file: read from its byte range
-                second = second or open_binary(path)
-                second.seek(unit[0])
-                text = decode_region(second.read(unit[1] - unit[0]))
-            yield unit[0], text
-        if second is not None:
-            second.close()
+    with open_binary(path) as f, open_binary(path) as g:
+        yield from documents(f, g, path, split=split, field=field, on_error=on_error, skipped=skipped)
+
+
+def documents(f, g, path: str, *, split: str, field: str = "text", on_error: str = "raise",
+              skipped: collections.Counter) -> Iterator[tuple[int, str]]:
+    """`iter_documents` on open files (Beam opens them through its FileSystems): `f` is read in order, `g`
+    serves the byte ranges of whole paragraphs and files, whose text the pass does not keep."""
+    for unit in units(f, path, split=split, field=field, on_error=on_error, max_chars=0):
+        if unit[0] == "skip":
+            skipped[unit[1]] += 1
+        elif unit[5] is None:
+            g.seek(unit[0])
+            yield unit[0], decode_region(g.read(unit[1] - unit[0]))
+        else:
+            yield unit[0], unit[5]
 
 
 # ------------------------------------------------------------------------------------------ the index

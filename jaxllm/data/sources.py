@@ -116,7 +116,7 @@ def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "file
     if piece_chars > 0 and spec.startswith("builtin:"):
         source.records = _cut_all(source.records, piece_chars, spec)
     if not len(source):
-        raise RecordError(f"data source {spec!r} yielded no documents ({_describe(source.skipped)})", NO_DOCUMENTS)
+        raise no_documents(spec, source.skipped)
     log.info("data source %s: %d %s read, %s", spec, len(source), "documents" if source.kind == "text" else
              "token documents", _describe(source.skipped))
     return source
@@ -139,6 +139,10 @@ def _refuse_shard(path: str) -> None:
         raise ValueError(f"{path} is a prepared token shard: give its directory {folder!r} as a source of its own")
     raise ValueError(f"{path} is a prepared token shard, but its directory has no {records_lib.PREPARED_MANIFEST} "
                      f"(`jaxllm data prepare` did not finish): run it again")
+
+
+def no_documents(spec: str, skipped: dict) -> RecordError:
+    return RecordError(f"data source {spec!r} yielded no documents ({_describe(skipped)})", NO_DOCUMENTS)
 
 
 def _describe(skipped: dict) -> str:
@@ -201,20 +205,14 @@ def _heldout_indices(n: int, fraction: float, seed: int) -> list[int]:
 
 
 def source_files(spec: str) -> list[str]:
-    """A file, directory or glob spec → the sorted list of files it names."""
-    if os.path.isfile(spec):
+    """A file, directory or glob spec (local, or gs:// / s3:// through etils.epath) → the sorted list of files
+    it names."""
+    single, paths = _remote_listing(spec) if indexed.is_remote(spec) else _local_listing(spec)
+    if single:
         if not spec.endswith(SUFFIXES):
             raise ValueError(f"data source {spec!r}: unsupported file type; expected one of {SUFFIXES}")
         return [spec]
-    if os.path.isdir(spec):
-        paths = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names]
-    elif glob.has_magic(spec):
-        paths = glob.glob(spec, recursive=True)
-        if not paths:
-            raise FileNotFoundError(f"data source {spec!r}: the glob matches no files")
-    else:
-        raise FileNotFoundError(f"data source {spec!r}: no such file or directory")
-    files = sorted(p for p in paths if p.endswith(SUFFIXES) and os.path.isfile(p))
+    files = sorted(p for p in paths if p.endswith(SUFFIXES))
     metadata = [p for p in files if p.endswith(".json") and _is_one_json_object(p)]
     if metadata:   # clean's report.json, a manifest: beside the data, not data
         log.info("data source %s: %d .json files hold one JSON object, not records, and are left out: %s", spec,
@@ -225,11 +223,48 @@ def source_files(spec: str) -> list[str]:
     return files
 
 
+def _local_listing(spec: str) -> tuple[bool, list[str]]:
+    """(names one file, the files under it or matching it)."""
+    if os.path.isfile(spec):
+        return True, [spec]
+    if os.path.isdir(spec):
+        return False, [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names]
+    if glob.has_magic(spec):
+        paths = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+        if not paths:
+            raise FileNotFoundError(f"data source {spec!r}: the glob matches no files")
+        return False, paths
+    raise FileNotFoundError(f"data source {spec!r}: no such file or directory")
+
+
+def _remote_listing(spec: str) -> tuple[bool, list[str]]:
+    """`_local_listing` for an object-store URL. A glob's directory part must hold no wildcard."""
+    from etils import epath
+    if glob.has_magic(spec):
+        parts = spec.split("/")
+        k = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        paths = [str(p) for p in epath.Path("/".join(parts[:k])).glob("/".join(parts[k:]))]
+        if not paths:
+            raise FileNotFoundError(f"data source {spec!r}: the glob matches no files")
+        return False, paths
+    path = epath.Path(spec)
+    if path.is_file():
+        return True, [spec]
+    if path.is_dir():
+        return False, [os.path.join(str(root), name) for root, _, names in path.walk() for name in names]
+    raise FileNotFoundError(f"data source {spec!r}: no such file or directory")
+
+
 def _is_one_json_object(path: str) -> bool:
     """A .json file whose first line opens an object but is no JSON value on its own: one pretty-printed
     object (a report, a manifest, nested data), not a JSON array or JSON Lines of records."""
-    with open(path, "rb") as f:
-        first = f.readline().strip().removeprefix(b"\xef\xbb\xbf").strip()
+    with indexed.open_binary(path) as f:
+        return is_one_object_line(f.readline())
+
+
+def is_one_object_line(first: bytes) -> bool:
+    """`_is_one_json_object` of a file's first line (Beam reads it through its own FileSystems)."""
+    first = first.strip().removeprefix(b"\xef\xbb\xbf").strip()
     if not first.startswith(b"{"):
         return False
     try:
@@ -241,15 +276,18 @@ def _is_one_json_object(path: str) -> bool:
 
 def _read_text(path: str) -> str:
     """UTF-8 file → str without BOM, with `\\n` line ends. A bad byte is reported with its line number."""
-    with open(path, "rb") as f:
-        data = f.read()
+    with indexed.open_binary(path) as f:
+        return decode_text(f.read(), path)
+
+
+def decode_text(data: bytes, path: str) -> str:
+    """`_read_text` of bytes already read."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise RecordError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte column "
-                          f"{column}); re-encode the file as UTF-8", NOT_UTF8) from None
+        raise RecordError(indexed.utf8_error(path, line, data[e.start], column), NOT_UTF8) from None
     text = text.removeprefix("\ufeff")
     # Universal newlines, as open() does: CRLF (Windows) and lone CR (old Mac) end lines.
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -265,8 +303,13 @@ def _read_file(path: str, *, jsonl_field: str, text_split: str, on_error: str = 
         docs, skipped = indexed.open_indexed(path, split=text_split, field=jsonl_field, on_error=on_error,
                                              max_chars=piece_chars)
         return docs, collections.Counter(skipped)
+    return json_array_documents(path, _read_text(path), jsonl_field, on_error)
+
+
+def json_array_documents(path: str, text: str, jsonl_field: str, on_error: str) -> tuple[list[str], collections.Counter]:
+    """The documents of a JSON array file's text (stripped; empty ones skipped and counted)."""
     skipped = collections.Counter()
-    pieces = _json_texts(path, _read_text(path), jsonl_field, on_error, skipped)
+    pieces = _json_texts(path, text, jsonl_field, on_error, skipped)
     docs, skipped["empty"] = _non_empty(pieces)
     return docs, +skipped
 
