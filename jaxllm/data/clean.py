@@ -194,7 +194,11 @@ def read_output(out: str) -> list[tuple[tuple, str]]:
 def clean(inputs: Sequence[str], out: str, opts: CleanOptions = CleanOptions(), *, runner: str = "local",
           pipeline_args: Sequence[str] = ()) -> dict:
     """Cleans `inputs` into `out` with the local path or a Beam runner; returns (and writes) the report."""
-    files = input_files(inputs)
+    if runner == "local":
+        files = input_files(inputs)
+    else:
+        from jaxllm.data import clean_beam
+        files = clean_beam.input_files(inputs)
     t0 = time.time()
     if runner == "local":
         infos = []

@@ -1,6 +1,6 @@
 """`clean` on Apache Beam: the same per-document functions as the local path (clean.py), distributed.
 
-    files ─ReadAllFiles: byte ranges of each file (_DocumentSource)─▶ documents, skipped records, unreadable files
+    files ─ReadAllFiles: byte ranges of each file (DocumentSource)─▶ documents, skipped records, unreadable files
       documents of unreadable files dropped (side input: only those few files) ─▶ (id, text)
       ─check─▶ removed by a filter ──────────────────────────────────────────────────────────┐
            └▶ passed ─GroupByKey(exact key)─▶ first of each group ─────────────────────────────┤ exact_dup
@@ -11,8 +11,8 @@
 
 Everything goes through Beam's IO and `FileSystems`, so inputs and outputs may be gs://, s3://, hdfs:// ... on
 any runner that has the filesystem. A text file read by lines and a JSON Lines file are read by byte ranges
-(`read_bytes` a task, 64 MiB by default): each task starts at the first line that begins in its range, so a large file is
-split across workers and no worker holds a whole file. Parquet is split by row group. Paragraphs, whole files
+(`read_bytes` a task, 64 MiB by default): each task starts at the first line that begins in its range, so a
+large file is split across workers and no worker holds a whole file. Parquet is split by row group. Paragraphs, whole files
 and JSON arrays cannot be cut at a byte offset and are read whole by one task (streamed for text). Document ids
 are (file index, position), as `clean.read_file` computes them, so the output equals the local runner's.
 
@@ -179,6 +179,61 @@ def _route(record, index_of: dict):
         yield beam.pvalue.TaggedOutput("unreadable", (index, (rest[2], rest[0], rest[1])))   # the earliest wins
 
 
+def _read_whole(item, opts):
+    """Built-in corpora, TFDS datasets and ArrayRecord files: read by `clean.read_file` in one task, tagged as
+    `_route` tags the documents of files."""
+    import apache_beam as beam
+    docs, info = clean_lib.read_file(item, opts)
+    yield from docs
+    if "unreadable" in info:
+        yield beam.pvalue.TaggedOutput("unreadable", (item[0], (0, info["unreadable"], info["error"])))
+    for reason, n in info.get("skipped", {}).items():
+        yield beam.pvalue.TaggedOutput("skip", ((item[0], reason), n))
+
+
+def _ranged(path: str) -> bool:
+    """Read by Beam's file IO in byte ranges or row groups (else whole, by `_read_whole`)."""
+    return not path.startswith(("builtin:", "tfds:")) and path.endswith((".txt", ".jsonl", ".json", ".parquet"))
+
+
+def input_files(inputs: Sequence[str]) -> list[str]:
+    """`clean.input_files`, with URLs (gs://, s3://, hdfs://, ...) listed through Beam's FileSystems, so any
+    filesystem the runner has works: a file, a glob, or a directory (everything under it)."""
+    import glob
+    from apache_beam.io.filesystems import FileSystems
+    from jaxllm.data.sources import SUFFIXES, is_one_object_line
+    files = []
+    for spec in inputs:
+        if "://" not in spec:
+            files += clean_lib.input_files([spec])
+            continue
+        if glob.has_magic(spec):
+            found = _matched(spec)
+        else:   # a file, else a directory
+            found = [p for p in _matched(spec) if p == spec] or _matched(spec.rstrip("/") + "/**")
+        found = sorted(p for p in found if p.endswith(SUFFIXES))
+        metadata = []
+        for path in found:
+            if path.endswith(".json"):
+                with FileSystems.open(path) as f:
+                    if is_one_object_line(f.readline()):
+                        metadata.append(path)
+        found = [p for p in found if p not in metadata]
+        if not found:
+            raise FileNotFoundError(f"data source {spec!r}: no {' or '.join(SUFFIXES)} files found")
+        files += found
+    return files
+
+
+def _matched(pattern: str) -> list[str]:
+    from apache_beam.io.filesystem import BeamIOError
+    from apache_beam.io.filesystems import FileSystems
+    try:
+        return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    except BeamIOError:
+        return []
+
+
 def _file_infos(counts, skips, unreadable, files) -> dict:
     """Per file: documents read, records skipped, errors → `clean.summarize_files` (what the local path reports:
     a file with an error, or with no documents, is unreadable)."""
@@ -313,16 +368,20 @@ def clean_beam(files: Sequence[str], out: str, opts, runner: str, pipeline_args:
     index_of = {path: i for i, path in enumerate(paths)}
     options = PipelineOptions(list(pipeline_args), runner=runner)
     p = beam.Pipeline(options=options)
-    read = (p | "files" >> beam.Create(paths)
-            | "read" >> ReadAllFiles(True, CompressionTypes.AUTO, opts.read_bytes, 0, _document_source(opts),
-                                     with_filename=True)
-            | "route" >> beam.FlatMap(_route, index_of).with_outputs("skip", "unreadable", main="docs"))
-    skips = read.skip | "skips per file" >> beam.CombinePerKey(sum)
-    bad = read.unreadable | "first error per file" >> beam.CombinePerKey(min)
-    docs = (read.docs | "drop unreadable files" >> beam.Filter(lambda d, bad: d[0][0] not in bad,
-                                                               bad=beam.pvalue.AsDict(bad))
+    ranged = (p | "files" >> beam.Create([path for path in paths if _ranged(path)])
+              | "read" >> ReadAllFiles(True, CompressionTypes.AUTO, opts.read_bytes, 0, _document_source(opts),
+                                       with_filename=True)
+              | "route" >> beam.FlatMap(_route, index_of).with_outputs("skip", "unreadable", main="docs"))
+    whole = (p | "other inputs" >> beam.Create([(i, path) for i, path in enumerate(paths) if not _ranged(path)])
+             | "read whole" >> beam.FlatMap(_read_whole, opts).with_outputs("skip", "unreadable", main="docs"))
+    skips = (ranged.skip, whole.skip) | "all skips" >> beam.Flatten() | "skips per file" >> beam.CombinePerKey(sum)
+    bad = ((ranged.unreadable, whole.unreadable) | "all unreadable" >> beam.Flatten()
+           | "first error per file" >> beam.CombinePerKey(min))
+    docs = ((ranged.docs, whole.docs) | "all docs" >> beam.Flatten()
+            | "drop unreadable files" >> beam.Filter(lambda d, bad: d[0][0] not in bad, bad=beam.pvalue.AsDict(bad))
             | "count in" >> beam.Map(_counted, "docs_in"))
-    per_file = docs | "docs per file" >> beam.Map(lambda d: (d[0][0], 1)) | "count per file" >> beam.CombinePerKey(sum)
+    per_file = (docs | "docs per file" >> beam.Map(lambda d: (d[0][0], 1))
+                | "count per file" >> beam.CombinePerKey(sum))
     checked = docs | "filter" >> beam.Map(clean_lib.apply_filters, opts)
     filtered = (checked | "failed" >> beam.Filter(lambda d: d[2] is not None)
                 | "filter examples" >> beam.Map(lambda d: (d[2][0], (clean_lib.utf8_size(d[1]),

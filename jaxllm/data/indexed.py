@@ -410,7 +410,7 @@ def open_indexed(path: str, *, split: str = "file", field: str = "text", on_erro
     options = {"v": _VERSION, "format": format_of(path), "split": split, "field": field, "on_error": on_error,
                "max_chars": max_chars, **file_identity(path)}
     key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:32]
-    index_path = os.path.join(cache_dir(), key + ".npy")
+    index_path = os.path.join(cache_dir(), key + ".index")   # raw ENTRY records
     meta_path = os.path.join(cache_dir(), key + ".json")
     if not os.path.exists(meta_path):       # the .json is written last: its presence means the index is whole
         _build(path, options, index_path, meta_path)
@@ -420,28 +420,28 @@ def open_indexed(path: str, *, split: str = "file", field: str = "text", on_erro
 
 
 def _build(path: str, options: dict, index_path: str, meta_path: str) -> None:
-    entries, chunk, skipped = [], [], collections.Counter()
-    with open_binary(path) as f:
+    """One pass over the file, its entries appended to the index file a chunk at a time (memory stays bounded
+    whatever the file's size). Several processes of one machine may build it at once: same bytes, atomic."""
+    os.makedirs(cache_dir(), exist_ok=True)
+    chunk, count, skipped = [], 0, collections.Counter()
+    tmp = f"{index_path}.{os.getpid()}.tmp"
+    with open_binary(path) as f, open(tmp, "wb") as out:
         for unit in units(f, path, split=options["split"], field=options["field"], on_error=options["on_error"],
                           max_chars=options["max_chars"]):
             if unit[0] == "skip":
                 skipped[unit[1]] += 1
                 continue
             chunk.append(unit[:5])
-            if len(chunk) == 65536:
-                entries.append(np.array(chunk, ENTRY))
-                chunk = []
-    entries.append(np.array(chunk, ENTRY))
-    index = np.concatenate(entries)
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = f"{index_path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:   # several processes of one machine may build it at once: same bytes, atomic
-        np.save(f, index)
+            if len(chunk) == 4096:
+                out.write(np.array(chunk, ENTRY).tobytes())
+                count, chunk = count + len(chunk), []
+        out.write(np.array(chunk, ENTRY).tobytes())
+        count += len(chunk)
     os.replace(tmp, index_path)
     with open(f"{meta_path}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
-        json.dump({"documents": len(index), "skipped": dict(+skipped), "options": options}, f)
+        json.dump({"documents": count, "skipped": dict(+skipped), "options": options}, f)
     os.replace(f"{meta_path}.{os.getpid()}.tmp", meta_path)
-    log.info("indexed %s: %d documents (%s) -> %s", path, len(index), options["format"], index_path)
+    log.info("indexed %s: %d documents (%s) -> %s", path, count, options["format"], index_path)
 
 
 class IndexedDocuments:
@@ -474,10 +474,10 @@ class IndexedDocuments:
         return (self[i] for i in range(len(self)))
 
     def entry(self, i: int):
-        if self._index is None:
-            self._index = np.load(self.index_path, mmap_mode="r")
         if not 0 <= i < self.length:
             raise IndexError(i)
+        if self._index is None:
+            self._index = np.memmap(self.index_path, dtype=ENTRY, mode="r", shape=(self.length,))
         return self._index[i]
 
     def position(self, i: int) -> int:

@@ -238,7 +238,7 @@ def _local_listing(spec: str) -> tuple[bool, list[str]]:
 
 
 def _remote_listing(spec: str) -> tuple[bool, list[str]]:
-    """`_local_listing` for an object-store URL. A glob's directory part must hold no wildcard."""
+    """`_local_listing` for an object-store URL (epath globs do not take `**`: a directory lists recursively)."""
     from etils import epath
     if glob.has_magic(spec):
         parts = spec.split("/")
@@ -251,8 +251,20 @@ def _remote_listing(spec: str) -> tuple[bool, list[str]]:
     if path.is_file():
         return True, [spec]
     if path.is_dir():
-        return False, [os.path.join(str(root), name) for root, _, names in path.walk() for name in names]
+        return False, _remote_tree(path)
     raise FileNotFoundError(f"data source {spec!r}: no such file or directory")
+
+
+def _remote_tree(folder) -> list[str]:
+    """Every data file under an object-store folder: one listing a folder (names without a data suffix are
+    asked whether they are folders)."""
+    files = []
+    for child in folder.iterdir():
+        if child.name.endswith(SUFFIXES):
+            files.append(str(child))
+        elif child.is_dir():
+            files += _remote_tree(child)
+    return files
 
 
 def _is_one_json_object(path: str) -> bool:
@@ -306,7 +318,8 @@ def _read_file(path: str, *, jsonl_field: str, text_split: str, on_error: str = 
     return json_array_documents(path, _read_text(path), jsonl_field, on_error)
 
 
-def json_array_documents(path: str, text: str, jsonl_field: str, on_error: str) -> tuple[list[str], collections.Counter]:
+def json_array_documents(path: str, text: str, jsonl_field: str, on_error: str
+                         ) -> tuple[list[str], collections.Counter]:
     """The documents of a JSON array file's text (stripped; empty ones skipped and counted)."""
     skipped = collections.Counter()
     pieces = _json_texts(path, text, jsonl_field, on_error, skipped)
