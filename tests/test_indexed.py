@@ -109,9 +109,7 @@ def test_index_is_built_once_and_rebuilt_when_the_file_changes(tmp_path, index_d
     assert open_source(str(path), text_split="line").records == ["one", "six", "seven"]
 
 
-# Peak RSS of this process: VmHWM, not getrusage's ru_maxrss, which Linux carries over from the forking parent
-# (pytest, far larger) across exec.
-_PEAK_RSS = """
+_READ_SOURCE = """
 import sys
 mode, path = sys.argv[1:]
 if mode == "streamed":
@@ -120,18 +118,22 @@ if mode == "streamed":
 else:   # the in-memory reader the streamed one replaces: every line a str
     docs = open(path, encoding="utf-8").read().split("\\n")
 chars = sum(len(d) for d in docs)
-peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(int(peak.split()[1]) * 1024, chars)
+"""
+# Peak RSS: VmHWM, not getrusage's ru_maxrss, which Linux carries over from the forking parent (pytest, far
+# larger) across exec.
+_PRINT_PEAK = """
+print(int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) * 1024)
 """
 
 
-def _peak_rss(mode: str, path, env) -> int:
-    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, mode, str(path)], env=env, check=True,
+def peak_rss(script: str, *args, env) -> int:
+    """Peak resident memory, in bytes, of a fresh Python process running `script` with `args`."""
+    out = subprocess.run([sys.executable, "-c", script + _PRINT_PEAK, *map(str, args)], env=env, check=True,
                          capture_output=True, text=True).stdout.split()
-    return int(out[0])
+    return int(out[-1])
 
 
-def _generated_text(path, megabytes: int) -> None:
+def generated_text(path, megabytes: int) -> None:
     """Lines of about 1000 characters of real words (Python's documentation), numbered so none repeats."""
     from pydoc_data.topics import topics
     words = " ".join(topics.values()).split()
@@ -146,11 +148,12 @@ def _generated_text(path, megabytes: int) -> None:
 def test_streamed_source_peak_memory_stays_flat_as_the_file_grows_tenfold(tmp_path, index_dir):
     env = {**os.environ, "PYTHONPATH": REPO, "JAXLLM_INDEX_DIR": str(index_dir)}
     small, large = tmp_path / "small.txt", tmp_path / "large.txt"
-    _generated_text(small, 3)
-    _generated_text(large, 30)
+    generated_text(small, 3)
+    generated_text(large, 30)
     grown = large.stat().st_size - small.stat().st_size
-    streamed = _peak_rss("streamed", large, env) - _peak_rss("streamed", small, env)
-    in_memory = _peak_rss("in_memory", large, env) - _peak_rss("in_memory", small, env)
+    streamed = peak_rss(_READ_SOURCE, "streamed", large, env=env) - peak_rss(_READ_SOURCE, "streamed", small, env=env)
+    in_memory = (peak_rss(_READ_SOURCE, "in_memory", large, env=env)
+                 - peak_rss(_READ_SOURCE, "in_memory", small, env=env))
     print(f"peak RSS growth for {grown / 2**20:.0f} MiB more text: streamed {streamed / 2**20:.1f} MiB, "
           f"in memory {in_memory / 2**20:.1f} MiB")
     assert in_memory > grown                  # the measurement sees a corpus held in memory ...

@@ -407,8 +407,9 @@ def open_indexed(path: str, *, split: str = "file", field: str = "text", on_erro
                  max_chars: int = 0) -> tuple["IndexedDocuments", dict]:
     """(a lazy reader of the file's documents or pieces, {reason: records skipped}); builds the index on first
     use (one pass over the file) and reuses it while the file is unchanged."""
-    options = {"v": _VERSION, "format": format_of(path), "split": split, "field": field, "on_error": on_error,
-               "max_chars": max_chars, **file_identity(path)}
+    kind = format_of(path)
+    options = {"v": _VERSION, "format": kind, "split": split if kind == "txt" else "", "field": field,
+               "on_error": on_error, "max_chars": max_chars, **file_identity(path)}
     key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:32]
     index_path = os.path.join(cache_dir(), key + ".index")   # raw ENTRY records
     meta_path = os.path.join(cache_dir(), key + ".json")
@@ -425,18 +426,23 @@ def _build(path: str, options: dict, index_path: str, meta_path: str) -> None:
     os.makedirs(cache_dir(), exist_ok=True)
     chunk, count, skipped = [], 0, collections.Counter()
     tmp = f"{index_path}.{os.getpid()}.tmp"
-    with open_binary(path) as f, open(tmp, "wb") as out:
-        for unit in units(f, path, split=options["split"], field=options["field"], on_error=options["on_error"],
-                          max_chars=options["max_chars"]):
-            if unit[0] == "skip":
-                skipped[unit[1]] += 1
-                continue
-            chunk.append(unit[:5])
-            if len(chunk) == 4096:
-                out.write(np.array(chunk, ENTRY).tobytes())
-                count, chunk = count + len(chunk), []
-        out.write(np.array(chunk, ENTRY).tobytes())
-        count += len(chunk)
+    try:
+        with open_binary(path) as f, open(tmp, "wb") as out:
+            for unit in units(f, path, split=options["split"], field=options["field"], on_error=options["on_error"],
+                              max_chars=options["max_chars"]):
+                if unit[0] == "skip":
+                    skipped[unit[1]] += 1
+                    continue
+                chunk.append(unit[:5])
+                if len(chunk) == 4096:
+                    out.write(np.array(chunk, ENTRY).tobytes())
+                    count, chunk = count + len(chunk), []
+            out.write(np.array(chunk, ENTRY).tobytes())
+            count += len(chunk)
+    except BaseException:   # a malformed record (on_error="raise"), an unreadable file: no partial index left
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, index_path)
     with open(f"{meta_path}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
         json.dump({"documents": count, "skipped": dict(+skipped), "options": options}, f)
