@@ -235,6 +235,34 @@ def test_beam_multiprocess_runner_splits_files_and_gives_the_local_output(shared
     assert bad["reason"] == "not_utf8" and f"latin1.txt:{line}: not valid UTF-8" in bad["error"]
 
 
+def test_beam_reads_and_writes_an_s3_bucket_through_its_filesystems(shared_data, tmp_path, s3_bucket):
+    """Input listed and read, shards and report written, all through Beam's FileSystems on a real S3 server on
+    loopback: the documents and report of the local runner on the same files."""
+    pytest.importorskip("apache_beam")
+    import boto3
+    from jaxllm.data.clean import read_output
+    bucket, s3 = s3_bucket[len("s3://"):], boto3.client("s3")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    c4 = (shared_data / "text/en/c4_demo.jsonl").open(encoding="utf-8").readlines()
+    (raw / "a.jsonl").write_text("".join(c4[:60]), encoding="utf-8")
+    (raw / "b.txt").write_bytes((shared_data / "text/en/botchan.txt").read_bytes()[:60_000])
+    for f in sorted(raw.iterdir()):
+        s3.upload_file(str(f), bucket, f"raw/{f.name}")
+    opts = CleanOptions()                     # one read task a file: ranges are the multi-process test's (S3 is slow)
+    local = clean([str(raw)], str(tmp_path / "local"), opts)
+    remote = clean([f"{s3_bucket}/raw"], f"{s3_bucket}/out", opts, runner="DirectRunner",
+                   pipeline_args=["--direct_num_workers=1", "--direct_running_mode=in_memory"])
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("runner", "seconds", "inputs")}   # noqa: E731
+    assert strip(remote) == strip(local) and local["docs_out"] > 50
+    names = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"])
+    assert "out/report.json" in names and json.loads(s3.get_object(Bucket=bucket, Key="out/report.json")["Body"]
+                                                     .read())["docs_out"] == local["docs_out"]
+    kept = sorted((tuple(r["id"]), r["text"]) for name in names if name.startswith("out/clean-")
+                  for r in map(json.loads, s3.get_object(Bucket=bucket, Key=name)["Body"].read().splitlines()))
+    assert kept == read_output(str(tmp_path / "local"))
+
+
 _READ_FILE = """
 import os, sys
 mode, path = sys.argv[1:]

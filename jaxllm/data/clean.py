@@ -198,7 +198,7 @@ def clean(inputs: Sequence[str], out: str, opts: CleanOptions = CleanOptions(), 
         files = input_files(inputs)
     else:
         from jaxllm.data import clean_beam
-        files = clean_beam.input_files(inputs)
+        files = clean_beam.input_files(inputs, pipeline_args)
     t0 = time.time()
     if runner == "local":
         infos = []

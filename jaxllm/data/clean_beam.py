@@ -196,12 +196,15 @@ def _ranged(path: str) -> bool:
     return not path.startswith(("builtin:", "tfds:")) and path.endswith((".txt", ".jsonl", ".json", ".parquet"))
 
 
-def input_files(inputs: Sequence[str]) -> list[str]:
+def input_files(inputs: Sequence[str], pipeline_args: Sequence[str] = ()) -> list[str]:
     """`clean.input_files`, with URLs (gs://, s3://, hdfs://, ...) listed through Beam's FileSystems, so any
-    filesystem the runner has works: a file, a glob, or a directory (everything under it)."""
+    filesystem the runner has works: a file, a glob, or a directory (everything under it). The pipeline options
+    configure the filesystems (--s3_endpoint_url, --hdfs_host, ...)."""
     import glob
     from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
     from jaxllm.data.sources import SUFFIXES, is_one_object_line
+    FileSystems.set_options(PipelineOptions(list(pipeline_args)))
     files = []
     for spec in inputs:
         if "://" not in spec:
@@ -362,11 +365,12 @@ def clean_beam(files: Sequence[str], out: str, opts, runner: str, pipeline_args:
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
+    options = PipelineOptions(list(pipeline_args), runner=runner)
+    FileSystems.set_options(options)   # the driver's own reads and writes (earlier shards, the report)
     _remove_earlier_output(out)
     # FileSystems names a local file by its absolute path; the report keeps the names as given.
     paths = [f if "://" in f else os.path.abspath(f) for f in files]
     index_of = {path: i for i, path in enumerate(paths)}
-    options = PipelineOptions(list(pipeline_args), runner=runner)
     p = beam.Pipeline(options=options)
     ranged = (p | "files" >> beam.Create([path for path in paths if _ranged(path)])
               | "read" >> ReadAllFiles(True, CompressionTypes.AUTO, opts.read_bytes, 0, _document_source(opts),
