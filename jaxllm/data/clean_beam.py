@@ -3,7 +3,7 @@
     files ─ReadAllFiles: byte ranges of each file (DocumentSource)─▶ documents, skipped records, unreadable files
       documents of unreadable files dropped (side input: only those few files) ─▶ (id, text)
       ─check─▶ removed by a filter ──────────────────────────────────────────────────────────┐
-           └▶ passed ─GroupByKey(exact key)─▶ first of each group ─────────────────────────────┤ exact_dup
+           └▶ passed ─CombinePerKey(exact key)─▶ smallest id of each group ─────────────────────┤ exact_dup
                   ─MinHash, band keys─GroupByKey─▶ candidate pairs                             │
                   ─join both shingle sets─▶ confirmed (a < b) ──────────────────────────────────┤ near_dup (b)
                   ─CoGroupByKey with the documents─▶ kept ──WriteToText: clean-*.jsonl shards   │
@@ -300,33 +300,63 @@ def _split_near(kv):
     for text in grouped["doc"]:
         if grouped["near"]:
             a, j = min(grouped["near"])
-            yield beam.pvalue.TaggedOutput("removed", ("near_dup", (clean_lib.utf8_size(text), clean_lib.example(
-                doc_id, text, f"jaccard {j:.3f}", a))))
+            yield beam.pvalue.TaggedOutput("removed", _removal("near_dup", text, clean_lib.example(
+                doc_id, text, f"jaccard {j:.3f}", a)))
         else:
             yield doc_id, text
 
 
-def _exact(kv):
-    """(key, [(id, text), ...]) → the first document, and a removal for each other one."""
+def _exact_groups():
+    """Per exact-duplicate key: (documents, bytes, the four smallest (id, bytes, snippet)), as a CombineFn: a group
+    of a million copies of one boilerplate page is combined, never gathered. The smallest id is kept (as the
+    local path keeps the first); the next three are the removal examples."""
     import apache_beam as beam
-    group = sorted(kv[1])
-    yield group[0]
-    for doc_id, text in group[1:]:
-        yield beam.pvalue.TaggedOutput("removed", ("exact_dup", (clean_lib.utf8_size(text), clean_lib.example(
-            doc_id, text, "same normalised text", group[0][0]))))
+
+    class Smallest(beam.CombineFn):
+        def create_accumulator(self):
+            return 0, 0, []
+
+        def add_input(self, acc, doc):
+            size = clean_lib.utf8_size(doc[1])
+            return self.merge_accumulators([acc, (1, size, [(doc[0], size, doc[1][:clean_lib.SNIPPET])])])
+
+        def merge_accumulators(self, accs):
+            n, nbytes, smallest = 0, 0, []
+            for a, b, c in accs:
+                n, nbytes, smallest = n + a, nbytes + b, smallest + c
+            return n, nbytes, sorted(smallest)[:1 + clean_lib.EXAMPLES]
+
+        def extract_output(self, acc):
+            return acc
+
+    return Smallest()
+
+
+def _exact_removals(kv):
+    """(key, (documents, bytes, smallest)) → ("exact_dup", (documents, bytes, examples)) of those removed."""
+    n, nbytes, smallest = kv[1]
+    if n > 1:
+        (first, first_bytes, _), rest = smallest[0], smallest[1:]
+        yield "exact_dup", (n - 1, nbytes - first_bytes, [clean_lib.example(doc_id, snippet, "same normalised text",
+                                                                             first) for doc_id, _, snippet in rest])
+
+
+def _removal(reason: str, text: str, example: dict):
+    """One removed document as a partial summary: (reason, (documents, bytes, examples))."""
+    return reason, (1, clean_lib.utf8_size(text), [example])
 
 
 def _summaries():
-    """Per removal reason: documents, bytes and the examples with the smallest ids (`clean.summarize`), as a
-    CombineFn, so no worker gathers every removed document of a reason."""
+    """Per removal reason: documents, bytes and the examples with the smallest ids (`clean.summarize`) from
+    partial summaries (documents, bytes, examples), as a CombineFn: no worker gathers a reason's documents."""
     import apache_beam as beam
 
     class Summaries(beam.CombineFn):
         def create_accumulator(self):
             return 0, 0, []
 
-        def add_input(self, acc, item):
-            return self.merge_accumulators([acc, (1, item[0], [item[1]])])
+        def add_input(self, acc, partial):
+            return self.merge_accumulators([acc, partial])
 
         def merge_accumulators(self, accs):
             docs, nbytes, examples = 0, 0, []
@@ -388,13 +418,13 @@ def clean_beam(files: Sequence[str], out: str, opts, runner: str, pipeline_args:
                 | "count per file" >> beam.CombinePerKey(sum))
     checked = docs | "filter" >> beam.Map(clean_lib.apply_filters, opts)
     filtered = (checked | "failed" >> beam.Filter(lambda d: d[2] is not None)
-                | "filter examples" >> beam.Map(lambda d: (d[2][0], (clean_lib.utf8_size(d[1]),
-                                                                     clean_lib.example(d[0], d[1], d[2][1])))))
+                | "filter examples" >> beam.Map(lambda d: _removal(d[2][0], d[1], clean_lib.example(d[0], d[1],
+                                                                                                     d[2][1]))))
     passed = checked | "passed" >> beam.Filter(lambda d: d[2] is None) | beam.Map(lambda d: (d[0], d[1]))
-    exact = (passed | "exact key" >> beam.Map(lambda d: (dedup.exact_key(d[1]), d))
-             | "exact groups" >> beam.GroupByKey()
-             | "first of group" >> beam.FlatMap(_exact).with_outputs("removed", main="unique"))
-    unique = exact.unique
+    keyed = passed | "exact key" >> beam.Map(lambda d: (dedup.exact_key(d[1]), d))
+    unique = keyed | "first of group" >> beam.CombinePerKey(min) | "unique" >> beam.Values()
+    exact_removed = (keyed | "exact groups" >> beam.CombinePerKey(_exact_groups())
+                     | "exact removals" >> beam.FlatMap(_exact_removals))
     signed = unique | "sign" >> beam.Map(_Signer(opts))
     shingles = signed | "shingles" >> beam.Map(lambda s: (s[0], s[1]))
     pairs = (signed | "band keys" >> beam.FlatMap(lambda s: [(k, s[0]) for k in s[2]])
@@ -408,8 +438,8 @@ def clean_beam(files: Sequence[str], out: str, opts, runner: str, pipeline_args:
     kept = split.kept | "count out" >> beam.Map(_counted, "docs_out")
     (kept | "json" >> beam.Map(lambda d: json.dumps({"id": list(d[0]), "text": d[1]}, ensure_ascii=False))
      | "write" >> beam.io.WriteToText(FileSystems.join(out, "clean"), file_name_suffix=".jsonl"))
-    removed = ((filtered, exact.removed, split.removed) | "all removed" >> beam.Flatten()
-               | "count removed" >> beam.Map(lambda kv: _counted(kv, f"removed_{kv[0]}"))
+    removed = ((filtered, exact_removed, split.removed) | "all removed" >> beam.Flatten()
+               | "count removed" >> beam.Map(lambda kv: _counted(kv, f"removed_{kv[0]}", kv[1][0]))
                | "by reason" >> beam.CombinePerKey(_summaries())
                | "tag removed" >> beam.Map(lambda kv: ("removed", kv)))
     size_in = (docs | "bytes in" >> beam.Map(lambda d: (1, clean_lib.utf8_size(d[1])))
@@ -436,8 +466,8 @@ def clean_beam(files: Sequence[str], out: str, opts, runner: str, pipeline_args:
     return report
 
 
-def _counted(item, name: str):
-    _count(name)
+def _counted(item, name: str, n: int = 1):
+    _count(name, n)
     return item
 
 
