@@ -22,13 +22,16 @@ raises an error naming the file, line and field (or, with on_error="skip", is sk
 documents read and skipped are logged per spec. Nothing here decides which process reads what: the pipeline
 slices every source's indices per process (pipeline.py).
 
-Long documents become pieces. A document read into memory that is longer than `piece_chars` characters is
+No process holds a corpus: `.txt`, JSON Lines and `.parquet` files (local or gs:// / s3://) are indexed once and
+read document by document (indexed.py); only JSON arrays and built-in corpora are read into lists.
+
+Long documents become pieces. A text document that is longer than `piece_chars` characters is
 cut into pieces of at most that many characters, each ending at a line end where one falls in the second half
 of the window (`cut_pieces`). Pieces are `TextPiece`s: plain strings that know whether they open or close their
 document, so only the first gets <s> and only the last </s>. Everything downstream (held-out split, shuffle,
 lanes) then treats pieces as documents: a corpus of a few books trains like a corpus of many documents, and
-1% held out is 1% of the text rather than one whole book. Lazy sources (ArrayRecord, TFDS, prepared token
-shards) keep whole documents.
+1% held out is 1% of the text rather than one whole book (the index of a streamed file records its pieces).
+ArrayRecord, TFDS and prepared token shards keep whole documents.
 """
 from __future__ import annotations
 
@@ -76,9 +79,10 @@ def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "file
                 tokenizer=None, piece_chars: int = 0) -> Source:
     """Opens one spec (see the module docstring; also `tfds:NAME[:SPLIT]` and prepared directories).
 
-    Small text files are read into memory; ArrayRecord, TFDS and prepared sources stay lazy. `tokenizer`,
-    when given, must be the one that wrote a prepared directory (else an error naming both). `piece_chars` > 0
-    cuts in-memory documents longer than that into pieces (`cut_pieces`); lazy sources keep whole documents.
+    Text, JSON Lines and Parquet files are indexed and read lazily, as are ArrayRecord, TFDS and prepared
+    sources. `tokenizer`, when given, must be the one that wrote a prepared directory (else an error naming both).
+    `piece_chars` > 0 cuts text documents longer than that into pieces (`cut_pieces`); ArrayRecord, TFDS and
+    prepared sources keep whole documents.
     """
     if text_split not in TEXT_SPLITS:
         raise ValueError(f"text_split must be one of {TEXT_SPLITS}, got {text_split!r}")
