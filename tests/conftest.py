@@ -73,3 +73,15 @@ def s3_bucket(s3_endpoint, request) -> str:
     name = name.strip("-")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _index_cache(tmp_path_factory):
+    """Streaming sources cache their indexes per machine (~/.cache/jaxllm/indexes); the suite keeps its own."""
+    saved = os.environ.get("JAXLLM_INDEX_DIR")
+    os.environ["JAXLLM_INDEX_DIR"] = str(tmp_path_factory.mktemp("indexes"))
+    yield
+    if saved is None:
+        os.environ.pop("JAXLLM_INDEX_DIR", None)
+    else:
+        os.environ["JAXLLM_INDEX_DIR"] = saved

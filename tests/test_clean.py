@@ -4,6 +4,7 @@ in-process runner giving the same output as the local path."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,94 @@ def test_beam_direct_runner_gives_the_local_output(tmp_path):
     assert read_output(str(tmp_path / "beam")) == read_output(str(tmp_path / "local"))
     strip = lambda r: {k: v for k, v in r.items() if k not in ("runner", "seconds")}   # noqa: E731
     assert strip(beam) == strip(local)
+
+
+def test_beam_multiprocess_runner_splits_files_and_gives_the_local_output(shared_data, tmp_path):
+    """Two worker processes, files read in 64 KiB ranges (so lines, JSON records and Parquet row groups are split
+    across tasks), copies across files, and a file with a bad byte deep inside: the local output and report."""
+    pytest.importorskip("apache_beam")
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    c4 = shared_data / "text/en/c4_demo.jsonl"
+    records = [json.loads(line) for line in c4.open(encoding="utf-8")]
+    with open(raw / "copies.jsonl", "w", encoding="utf-8") as f:
+        for r in records[:40]:                                      # an exact and a near copy of each
+            words = r["text"].split()
+            words[len(words) // 2] = "zebra"
+            f.write(json.dumps({"text": r["text"].upper()}) + "\n" + json.dumps({"text": " ".join(words)}) + "\n")
+    pq.write_table(pa.table({"text": [r["text"] for r in records[100:300]]}), raw / "rows.parquet",
+                   row_group_size=25)
+    book = (shared_data / "text/en/botchan.txt").read_bytes()
+    (raw / "latin1.txt").write_bytes(book[:200_000] + "café\n".encode("latin-1") + book)   # CRLF line ends
+    inputs = [str(c4), str(shared_data / "text/en/botchan.txt"), str(raw)]
+    opts = CleanOptions(read_bytes=64 << 10)
+    local = clean(inputs, str(tmp_path / "local"), opts)
+    beam = clean(inputs, str(tmp_path / "beam"), opts, runner="DirectRunner",
+                 pipeline_args=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    kept = read_output(str(tmp_path / "local"))
+    assert read_output(str(tmp_path / "beam")) == kept and len(kept) > 200
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("runner", "seconds")}   # noqa: E731
+    assert strip(beam) == strip(local)
+    assert local["removed"]["exact_dup"]["docs"] >= 40 and local["removed"]["near_dup"]["docs"] >= 30
+    [bad] = local["unreadable_files"]
+    line = book[:200_000].count(b"\n") + 1                      # found by the task reading that range, counted
+    assert bad["reason"] == "not_utf8" and f"latin1.txt:{line}: not valid UTF-8" in bad["error"]
+
+
+def test_beam_reads_and_writes_an_s3_bucket_through_its_filesystems(shared_data, tmp_path, s3_bucket):
+    """Input listed and read, shards and report written, all through Beam's FileSystems on a real S3 server on
+    loopback: the documents and report of the local runner on the same files."""
+    pytest.importorskip("apache_beam")
+    import boto3
+    from jaxllm.data.clean import read_output
+    bucket, s3 = s3_bucket[len("s3://"):], boto3.client("s3")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    c4 = (shared_data / "text/en/c4_demo.jsonl").open(encoding="utf-8").readlines()
+    (raw / "a.jsonl").write_text("".join(c4[:60]), encoding="utf-8")
+    (raw / "b.txt").write_bytes((shared_data / "text/en/botchan.txt").read_bytes()[:60_000])
+    for f in sorted(raw.iterdir()):
+        s3.upload_file(str(f), bucket, f"raw/{f.name}")
+    opts = CleanOptions()                     # one read task a file: ranges are the multi-process test's (S3 is slow)
+    local = clean([str(raw)], str(tmp_path / "local"), opts)
+    remote = clean([f"{s3_bucket}/raw"], f"{s3_bucket}/out", opts, runner="DirectRunner",
+                   pipeline_args=["--direct_num_workers=1", "--direct_running_mode=in_memory"])
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("runner", "seconds", "inputs")}   # noqa: E731
+    assert strip(remote) == strip(local) and local["docs_out"] > 50
+    names = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"])
+    assert "out/report.json" in names and json.loads(s3.get_object(Bucket=bucket, Key="out/report.json")["Body"]
+                                                     .read())["docs_out"] == local["docs_out"]
+    kept = sorted((tuple(r["id"]), r["text"]) for name in names if name.startswith("out/clean-")
+                  for r in map(json.loads, s3.get_object(Bucket=bucket, Key=name)["Body"].read().splitlines()))
+    assert kept == read_output(str(tmp_path / "local"))
+
+
+_READ_FILE = """
+import os, sys
+mode, path = sys.argv[1:]
+from jaxllm.data.clean import CleanOptions, read_file
+if mode == "beam":   # one Beam read task over the whole file, as a worker runs it
+    from apache_beam.io.range_trackers import OffsetRangeTracker
+    from jaxllm.data.clean_beam import _document_source
+    source = _document_source(CleanOptions())(path)
+    n = sum(1 for _ in source.read_records(path, OffsetRangeTracker(0, os.path.getsize(path))))
+else:                # the local runner, which holds a file's documents
+    n = len(read_file((0, path), CleanOptions())[0])
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS is read from Linux's /proc")
+def test_beam_read_task_memory_stays_flat_as_a_file_grows_tenfold(tmp_path):
+    pytest.importorskip("apache_beam")
+    from tests.test_indexed import REPO, generated_text, peak_rss
+    env = {**os.environ, "PYTHONPATH": REPO}
+    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    generated_text(small, 3)
+    generated_text(large, 30)
+    grown = large.stat().st_size - small.stat().st_size
+    task = peak_rss(_READ_FILE, "beam", large, env=env) - peak_rss(_READ_FILE, "beam", small, env=env)
+    whole = peak_rss(_READ_FILE, "local", large, env=env) - peak_rss(_READ_FILE, "local", small, env=env)
+    print(f"peak RSS growth for {grown / 2**20:.0f} MiB more text: Beam read task {task / 2**20:.1f} MiB, "
+          f"whole file {whole / 2**20:.1f} MiB")
+    assert whole > grown and task < 4 * 2**20

@@ -15,7 +15,9 @@ Two runners share every per-document function, so they give the same documents a
     engine TFDS and ArrayRecord already use; no scheduler of our own. Near-dup confirmation joins each
     candidate pair with both shingle sets; the removal rule (drop the larger id of each confirmed pair)
     needs no global clustering step.
-Document ids are (input file index, document index in that file), files in sorted order.
+Document ids are (input file index, position in that file), files in sorted order; the position is where the
+document's text starts (a byte offset, or a Parquet row), which a Beam worker reading one byte range of a file
+knows without counting the documents before it (`read_file`).
 """
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ import os
 import time
 from typing import Iterable, Sequence
 
-from jaxllm.data import dedup
+from jaxllm.data import dedup, indexed
 from jaxllm.data.filters import FilterConfig, first_failure
 from jaxllm.data.formats import RecordError
-from jaxllm.data.sources import open_source, source_files
+from jaxllm.data.sources import no_documents, open_source, source_files
 from jaxllm.progress import ProgressLog
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class CleanOptions:
     jsonl_field: str = "text"
     text_split: str = "line"
     strict: bool = False            # an unreadable file or malformed record aborts; else skipped and counted
+    read_bytes: int = 64 << 20      # Beam: bytes of a text / JSON Lines / Parquet file read by one task
 
 
 def input_files(inputs: Sequence[str]) -> list[str]:
@@ -62,17 +65,31 @@ def input_files(inputs: Sequence[str]) -> list[str]:
 def read_file(item: tuple[int, str], opts: CleanOptions) -> tuple[list[tuple[tuple, str]], dict]:
     """One input file -> (its documents [(id, text)], what reading it left out: {"file", "skipped": {reason:
     records}} or, for a file that gives no text (empty, not UTF-8, not records), {"file", "unreadable": reason,
-    "error"}). With opts.strict both raise instead, naming the file and line."""
+    "error"}). With opts.strict both raise instead, naming the file and line. A document's id is (file index,
+    position): where its text starts in the file (`indexed.iter_documents`: a byte offset, or a Parquet row), or
+    its index for files parsed whole (JSON arrays, ArrayRecord, built-ins), as every runner can compute it."""
     index, path = item
+    on_error = "raise" if opts.strict else "skip"
     try:
-        source = open_source(path, jsonl_field=opts.jsonl_field, text_split=opts.text_split,
-                             on_error="raise" if opts.strict else "skip")
+        if not path.startswith(("builtin:", "tfds:")) and indexed.streams(path):
+            skipped = collections.Counter()
+            docs = [((index, pos), text) for pos, text in indexed.iter_documents(
+                path, split=opts.text_split, field=opts.jsonl_field, on_error=on_error, skipped=skipped)]
+            if not docs:
+                raise no_documents(path, skipped)
+        else:
+            source = open_source(path, jsonl_field=opts.jsonl_field, text_split=opts.text_split, on_error=on_error)
+            docs, skipped = [((index, i), source.records[i]) for i in range(len(source))], source.skipped
     except (RecordError, OSError) as e:
         if opts.strict:
             raise
-        reason = e.reason if isinstance(e, RecordError) else type(e).__name__
-        return [], {"file": path, "unreadable": reason, "error": str(e)}
-    return [((index, i), source.records[i]) for i in range(len(source))], {"file": path, "skipped": source.skipped}
+        return [], unreadable_info(path, e)
+    return docs, {"file": path, "skipped": dict(skipped)}
+
+
+def unreadable_info(path: str, error: Exception) -> dict:
+    reason = error.reason if isinstance(error, RecordError) else type(error).__name__
+    return {"file": path, "unreadable": reason, "error": str(error)}
 
 
 def summarize_files(infos: Iterable[dict]) -> dict:
@@ -177,7 +194,11 @@ def read_output(out: str) -> list[tuple[tuple, str]]:
 def clean(inputs: Sequence[str], out: str, opts: CleanOptions = CleanOptions(), *, runner: str = "local",
           pipeline_args: Sequence[str] = ()) -> dict:
     """Cleans `inputs` into `out` with the local path or a Beam runner; returns (and writes) the report."""
-    files = input_files(inputs)
+    if runner == "local":
+        files = input_files(inputs)
+    else:
+        from jaxllm.data import clean_beam
+        files = clean_beam.input_files(inputs, pipeline_args)
     t0 = time.time()
     if runner == "local":
         infos = []
@@ -189,8 +210,13 @@ def clean(inputs: Sequence[str], out: str, opts: CleanOptions = CleanOptions(), 
         report = clean_beam(files, out, opts, runner, pipeline_args)
     report = {"inputs": list(inputs), "runner": runner, "options": _jsonable(opts), **report}
     report["seconds"] = round(time.time() - t0, 3)
-    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, ensure_ascii=False, indent=1)
+    text = json.dumps(report, ensure_ascii=False, indent=1)
+    if runner == "local":
+        with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        from jaxllm.data.clean_beam import write_text
+        write_text(out.rstrip("/") + "/report.json", text)
     return report
 
 

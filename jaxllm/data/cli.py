@@ -88,6 +88,8 @@ def cmd_clean(argv: list[str]) -> int:
                         help="documents of .txt files")
     parser.add_argument("--strict", action="store_true", help="abort on an unreadable file (empty, not UTF-8, not "
                         "records) or a malformed record; default: skip and count them in the report")
+    parser.add_argument("--read_mb", type=int, default=64, help="Beam: MiB of a text / JSON Lines / Parquet file "
+                        "read by one task (large files are split across workers)")
     args, beam_args = parser.parse_known_args(argv)
     if args.runner == "local" and beam_args:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
@@ -99,7 +101,8 @@ def cmd_clean(argv: list[str]) -> int:
         parser.error(f"unknown filter(s) {unknown}; known: {', '.join(FILTERS)}")
     opts = CleanOptions(lang=args.lang, threshold=args.threshold, num_perm=args.num_perm, shingle=args.shingle,
                         filters=FilterConfig(min_units=args.min_units), skip_filters=skip,
-                        jsonl_field=args.jsonl_field, text_split=args.text_split, strict=args.strict)
+                        jsonl_field=args.jsonl_field, text_split=args.text_split, strict=args.strict,
+                        read_bytes=args.read_mb << 20)
     report = clean(args.input, args.out, opts, runner=args.runner, pipeline_args=beam_args)
     print(format_report(report))
     return 0

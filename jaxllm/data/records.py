@@ -7,9 +7,8 @@ globally and each process fetches only the records of its own slice:
   * `TextRecords`: ArrayRecord files whose records are UTF-8 text (one document each);
   * `TokenRecords`: the shards written by `jaxllm data prepare` (int32 token ids, one document each),
     opened through `open_prepared`, which checks each shard against the manifest and the tokenizer;
-  * `TfdsRecords`: a TFDS dataset through `tfds.data_source` (ArrayRecord underneath, no TensorFlow);
-  * `read_parquet_texts`: a Parquet column of strings (read whole: Parquet is columnar, not per-row
-    random access).
+  * `TfdsRecords`: a TFDS dataset through `tfds.data_source` (ArrayRecord underneath, no TensorFlow).
+Text, JSON Lines and Parquet files are indexed and read lazily by indexed.py.
 
 Readers hold only paths and open files lazily, so they pickle into Grain worker processes.
 """
@@ -203,19 +202,3 @@ class TfdsRecords:
     def __getitem__(self, i: int) -> str:
         value = self._src[i][self.field]
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def read_parquet_texts(path: str, field: str) -> tuple[list[str], int]:
-    """The string column `field` of a Parquet file → (texts, number of null values, which are dropped)."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ModuleNotFoundError(f"{path}: Parquet sources need pyarrow (pip install 'jaxllm[data]')") from None
-    schema = pq.read_schema(path)
-    if field not in schema.names:
-        raise ValueError(f"{path}: column {field!r} missing (columns: {schema.names}); set data.jsonl_field")
-    column = pq.read_table(path, columns=[field]).column(field).to_pylist()
-    bad = next((i for i, v in enumerate(column) if v is not None and not isinstance(v, str)), None)
-    if bad is not None:
-        raise ValueError(f"{path}: row {bad}: column {field!r} must hold strings, got {type(column[bad]).__name__}")
-    return [v for v in column if v is not None], sum(v is None for v in column)

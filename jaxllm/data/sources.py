@@ -22,13 +22,16 @@ raises an error naming the file, line and field (or, with on_error="skip", is sk
 documents read and skipped are logged per spec. Nothing here decides which process reads what: the pipeline
 slices every source's indices per process (pipeline.py).
 
-Long documents become pieces. A document read into memory that is longer than `piece_chars` characters is
+No process holds a corpus: `.txt`, JSON Lines and `.parquet` files (local or gs:// / s3://) are indexed once and
+read document by document (indexed.py); only JSON arrays and built-in corpora are read into lists.
+
+Long documents become pieces. A text document that is longer than `piece_chars` characters is
 cut into pieces of at most that many characters, each ending at a line end where one falls in the second half
 of the window (`cut_pieces`). Pieces are `TextPiece`s: plain strings that know whether they open or close their
 document, so only the first gets <s> and only the last </s>. Everything downstream (held-out split, shuffle,
 lanes) then treats pieces as documents: a corpus of a few books trains like a corpus of many documents, and
-1% held out is 1% of the text rather than one whole book. Lazy sources (ArrayRecord, TFDS, prepared token
-shards) keep whole documents.
+1% held out is 1% of the text rather than one whole book (the index of a streamed file records its pieces).
+ArrayRecord, TFDS and prepared token shards keep whole documents.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxllm.data import indexed
 from jaxllm.data import records as records_lib
 from jaxllm.data.formats import RecordError, parse_json_records
 
@@ -75,9 +79,10 @@ def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "file
                 tokenizer=None, piece_chars: int = 0) -> Source:
     """Opens one spec (see the module docstring; also `tfds:NAME[:SPLIT]` and prepared directories).
 
-    Small text files are read into memory; ArrayRecord, TFDS and prepared sources stay lazy. `tokenizer`,
-    when given, must be the one that wrote a prepared directory (else an error naming both). `piece_chars` > 0
-    cuts in-memory documents longer than that into pieces (`cut_pieces`); lazy sources keep whole documents.
+    Text, JSON Lines and Parquet files are indexed and read lazily, as are ArrayRecord, TFDS and prepared
+    sources. `tokenizer`, when given, must be the one that wrote a prepared directory (else an error naming both).
+    `piece_chars` > 0 cuts text documents longer than that into pieces (`cut_pieces`); ArrayRecord, TFDS and
+    prepared sources keep whole documents.
     """
     if text_split not in TEXT_SPLITS:
         raise ValueError(f"text_split must be one of {TEXT_SPLITS}, got {text_split!r}")
@@ -103,23 +108,33 @@ def open_source(spec: str, *, jsonl_field: str = "text", text_split: str = "file
             if path.endswith(".array_record"):
                 parts.append(records_lib.TextRecords([path]))
                 continue
-            docs, file_skipped = _read_file(path, jsonl_field=jsonl_field, text_split=text_split, on_error=on_error)
-            parts.append(docs)
+            docs, file_skipped = _read_file(path, jsonl_field=jsonl_field, text_split=text_split, on_error=on_error,
+                                            piece_chars=piece_chars)
+            parts.append(_cut_all(docs, piece_chars, path) if isinstance(docs, list) else docs)
             skipped.update(file_skipped)
-        flat = all(isinstance(p, list) for p in parts)
-        docs = [d for p in parts for d in p] if flat else records_lib.Concat(parts)
+        if all(isinstance(p, list) for p in parts):
+            docs = [d for p in parts for d in p]
+        else:
+            docs = parts[0] if len(parts) == 1 else records_lib.Concat(parts)
         source = Source(spec, docs, skipped=dict(skipped))
-    if piece_chars > 0 and isinstance(source.records, list) and source.kind == "text":
-        whole = len(source.records)
-        source.records = [piece for doc in source.records for piece in cut_pieces(doc, piece_chars)]
-        if len(source.records) > whole:
-            log.info("data source %s: documents over %d characters cut into pieces: %d documents -> %d pieces",
-                     spec, piece_chars, whole, len(source.records))
+    if piece_chars > 0 and spec.startswith("builtin:"):
+        source.records = _cut_all(source.records, piece_chars, spec)
     if not len(source):
-        raise RecordError(f"data source {spec!r} yielded no documents ({_describe(source.skipped)})", NO_DOCUMENTS)
+        raise no_documents(spec, source.skipped)
     log.info("data source %s: %d %s read, %s", spec, len(source), "documents" if source.kind == "text" else
              "token documents", _describe(source.skipped))
     return source
+
+
+def _cut_all(docs: list, piece_chars: int, where: str) -> list:
+    """Documents read into memory, those over `piece_chars` characters cut into pieces (`cut_pieces`)."""
+    if piece_chars <= 0:
+        return docs
+    pieces = [piece for doc in docs for piece in cut_pieces(doc, piece_chars)]
+    if len(pieces) > len(docs):
+        log.info("data source %s: documents over %d characters cut into pieces: %d documents -> %d pieces",
+                 where, piece_chars, len(docs), len(pieces))
+    return pieces
 
 
 def _refuse_shard(path: str) -> None:
@@ -128,6 +143,10 @@ def _refuse_shard(path: str) -> None:
         raise ValueError(f"{path} is a prepared token shard: give its directory {folder!r} as a source of its own")
     raise ValueError(f"{path} is a prepared token shard, but its directory has no {records_lib.PREPARED_MANIFEST} "
                      f"(`jaxllm data prepare` did not finish): run it again")
+
+
+def no_documents(spec: str, skipped: dict) -> RecordError:
+    return RecordError(f"data source {spec!r} yielded no documents ({_describe(skipped)})", NO_DOCUMENTS)
 
 
 def _describe(skipped: dict) -> str:
@@ -190,20 +209,14 @@ def _heldout_indices(n: int, fraction: float, seed: int) -> list[int]:
 
 
 def source_files(spec: str) -> list[str]:
-    """A file, directory or glob spec → the sorted list of files it names."""
-    if os.path.isfile(spec):
+    """A file, directory or glob spec (local, or gs:// / s3:// through etils.epath) → the sorted list of files
+    it names."""
+    single, paths = _remote_listing(spec) if indexed.is_remote(spec) else _local_listing(spec)
+    if single:
         if not spec.endswith(SUFFIXES):
             raise ValueError(f"data source {spec!r}: unsupported file type; expected one of {SUFFIXES}")
         return [spec]
-    if os.path.isdir(spec):
-        paths = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names]
-    elif glob.has_magic(spec):
-        paths = glob.glob(spec, recursive=True)
-        if not paths:
-            raise FileNotFoundError(f"data source {spec!r}: the glob matches no files")
-    else:
-        raise FileNotFoundError(f"data source {spec!r}: no such file or directory")
-    files = sorted(p for p in paths if p.endswith(SUFFIXES) and os.path.isfile(p))
+    files = sorted(p for p in paths if p.endswith(SUFFIXES))
     metadata = [p for p in files if p.endswith(".json") and _is_one_json_object(p)]
     if metadata:   # clean's report.json, a manifest: beside the data, not data
         log.info("data source %s: %d .json files hold one JSON object, not records, and are left out: %s", spec,
@@ -214,11 +227,60 @@ def source_files(spec: str) -> list[str]:
     return files
 
 
+def _local_listing(spec: str) -> tuple[bool, list[str]]:
+    """(names one file, the files under it or matching it)."""
+    if os.path.isfile(spec):
+        return True, [spec]
+    if os.path.isdir(spec):
+        return False, [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names]
+    if glob.has_magic(spec):
+        paths = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+        if not paths:
+            raise FileNotFoundError(f"data source {spec!r}: the glob matches no files")
+        return False, paths
+    raise FileNotFoundError(f"data source {spec!r}: no such file or directory")
+
+
+def _remote_listing(spec: str) -> tuple[bool, list[str]]:
+    """`_local_listing` for an object-store URL (epath globs do not take `**`: a directory lists recursively)."""
+    from etils import epath
+    if glob.has_magic(spec):
+        parts = spec.split("/")
+        k = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        paths = [str(p) for p in epath.Path("/".join(parts[:k])).glob("/".join(parts[k:]))]
+        if not paths:
+            raise FileNotFoundError(f"data source {spec!r}: the glob matches no files")
+        return False, paths
+    path = epath.Path(spec)
+    if path.is_file():
+        return True, [spec]
+    if path.is_dir():
+        return False, _remote_tree(path)
+    raise FileNotFoundError(f"data source {spec!r}: no such file or directory")
+
+
+def _remote_tree(folder) -> list[str]:
+    """Every data file under an object-store folder: one listing a folder (names without a data suffix are
+    asked whether they are folders)."""
+    files = []
+    for child in folder.iterdir():
+        if child.name.endswith(SUFFIXES):
+            files.append(str(child))
+        elif child.is_dir():
+            files += _remote_tree(child)
+    return files
+
+
 def _is_one_json_object(path: str) -> bool:
     """A .json file whose first line opens an object but is no JSON value on its own: one pretty-printed
     object (a report, a manifest, nested data), not a JSON array or JSON Lines of records."""
-    with open(path, "rb") as f:
-        first = f.readline().strip().removeprefix(b"\xef\xbb\xbf").strip()
+    with indexed.open_binary(path) as f:
+        return is_one_object_line(f.readline())
+
+
+def is_one_object_line(first: bytes) -> bool:
+    """`_is_one_json_object` of a file's first line (Beam reads it through its own FileSystems)."""
+    first = first.strip().removeprefix(b"\xef\xbb\xbf").strip()
     if not first.startswith(b"{"):
         return False
     try:
@@ -230,50 +292,43 @@ def _is_one_json_object(path: str) -> bool:
 
 def _read_text(path: str) -> str:
     """UTF-8 file → str without BOM, with `\\n` line ends. A bad byte is reported with its line number."""
-    with open(path, "rb") as f:
-        data = f.read()
+    with indexed.open_binary(path) as f:
+        return decode_text(f.read(), path)
+
+
+def decode_text(data: bytes, path: str) -> str:
+    """`_read_text` of bytes already read."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise RecordError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte column "
-                          f"{column}); re-encode the file as UTF-8", NOT_UTF8) from None
+        raise RecordError(indexed.utf8_error(path, line, data[e.start], column), NOT_UTF8) from None
     text = text.removeprefix("\ufeff")
     # Universal newlines, as open() does: CRLF (Windows) and lone CR (old Mac) end lines.
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _read_file(path: str, *, jsonl_field: str, text_split: str, on_error: str = "raise"
-               ) -> tuple[list[str], collections.Counter]:
-    """One file → (documents, {reason: count} of records skipped: empty, bad_json, missing_field, null)."""
+def _read_file(path: str, *, jsonl_field: str, text_split: str, on_error: str = "raise", piece_chars: int = 0
+               ) -> tuple[Sequence[str], collections.Counter]:
+    """One file → (documents, {reason: count} of records skipped: empty, bad_json, missing_field, null).
+
+    Text, JSON Lines and Parquet files are indexed and read lazily (indexed.py), already cut into pieces; a JSON
+    array is parsed whole into a list (cut by the caller)."""
+    if not (path.endswith((".jsonl", ".json")) and indexed.is_json_array(path)):
+        docs, skipped = indexed.open_indexed(path, split=text_split, field=jsonl_field, on_error=on_error,
+                                             max_chars=piece_chars)
+        return docs, collections.Counter(skipped)
+    return json_array_documents(path, _read_text(path), jsonl_field, on_error)
+
+
+def json_array_documents(path: str, text: str, jsonl_field: str, on_error: str
+                         ) -> tuple[list[str], collections.Counter]:
+    """The documents of a JSON array file's text (stripped; empty ones skipped and counted)."""
     skipped = collections.Counter()
-    if path.endswith(".parquet"):
-        pieces, skipped["null"] = records_lib.read_parquet_texts(path, jsonl_field)
-        docs, skipped["empty"] = _non_empty(pieces)
-        return docs, +skipped
-    text = _read_text(path)
-    if path.endswith((".jsonl", ".json")):
-        pieces = _json_texts(path, text, jsonl_field, on_error, skipped)
-    elif text_split == "line":
-        pieces = _lines(text)
-    else:   # "file" or "paragraph": the text as written, indentation and inner newlines included
-        pieces = [text] if text_split == "file" else re.split(r"\n(?:[^\S\n]*\n)+", text)  # at blank lines
-        docs = [_trim_blank_lines(p) for p in pieces]
-        kept = [d for d in docs if d]
-        skipped["empty"] = len(docs) - len(kept)
-        return kept, +skipped
+    pieces = _json_texts(path, text, jsonl_field, on_error, skipped)
     docs, skipped["empty"] = _non_empty(pieces)
     return docs, +skipped
-
-
-def _trim_blank_lines(text: str) -> str:
-    """Drops the blank lines before the first line of text and all trailing whitespace; the first line keeps
-    its indentation (a paragraph's leading spaces are part of how it is written). "" if all whitespace."""
-    return _LEADING_BLANK_LINES.sub("", text).rstrip()
-
-
-_LEADING_BLANK_LINES = re.compile(r"\A(?:[^\S\n]*\n)+")
 
 
 class TextPiece(str):
