@@ -53,7 +53,7 @@ TEMPLATE = "alpaca_zh"
 def quickstart_config(workdir: str, steps: int = 300, vocab_size: int = 8000) -> Config:
     return Config(
         model=ModelConfig.preset("tiny", vocab_size=0, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32,
-                                 mlp_dim=384, num_layers=4, max_seq_len=256),
+                                 mlp_dim=384, num_layers=4, max_seq_len=256, scan_layers=False),  # CPU: unrolled is faster
         data=DataConfig(sources=SOURCES, eval_fraction=0.01, seq_len=256),
         optim=OptimConfig(lr=2e-3, warmup_steps=30, min_lr_ratio=0.1),
         train=TrainConfig(steps=steps, batch_size=16, log_every=20, eval_every=100, eval_batches=0,
@@ -65,7 +65,8 @@ def quickstart_config(workdir: str, steps: int = 300, vocab_size: int = 8000) ->
 def _post_config(objective: str, workdir: Path, init_from: Path, train_file: Path, steps: int, **kw) -> Config:
     seq_len = kw.pop("seq_len", 128)
     return Config(objective=objective, workdir=str(workdir), init_from=str(init_from),
-                  model=ModelConfig.preset("tiny", max_seq_len=seq_len),   # the architecture comes from init_from
+                  # The architecture comes from init_from; these are the runtime fields (unrolled layers: CPU).
+                  model=ModelConfig.preset("tiny", max_seq_len=seq_len, scan_layers=False),
                   data=DataConfig(train=(str(train_file),), eval_fraction=0.1, seq_len=seq_len, template=TEMPLATE,
                                   overlong="truncate_prompt"),
                   optim=kw.pop("optim", OptimConfig(lr=1e-3, warmup_steps=10, weight_decay=0.0)),
