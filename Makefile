@@ -23,8 +23,9 @@ $(VENV)/.test: $(VENV)/bin/activate setup.py
 demo: $(VENV)/.demo  ## the main job: tokenizer + tiny LM on the built-in corpora, offline, CPU
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m jaxllm quickstart --workdir runs/quickstart
 
+# Two pytest workers: most tests are single-threaded Python and XLA compilation, so two keep both CI cores busy.
 test: $(VENV)/.test  ## the test suite (tiny models, CPU)
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest -q -n $${PYTEST_WORKERS:-2} --dist loadfile --durations=25 tests $(PYTEST_ARGS)
 
 bench: $(VENV)/.demo  ## step time / MFU of the tiny preset on this machine
 	$(PY) benchmarks/train_step.py --preset=tiny --seq_len=256 --batch=8

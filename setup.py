@@ -29,7 +29,7 @@ EXTRAS = {
     # Test-time references only; the library never imports torch. torch is pinned to the CPU build that
     # this workplace keeps on disk: an unpinned torch pulls a multi-GB CUDA build.
     "hf": ["torch==2.13.0", "transformers>=4.45", "peft>=0.13"],   # peft: LoRA adapter exports load in it
-    "test": ["pytest>=8", "snownlp>=0.12", "openai>=1.0",  # openai: the official client talks to `jaxllm serve`
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "snownlp>=0.12", "openai>=1.0",  # openai: the official client talks to `jaxllm serve`
              "pyarrow>=14", "tensorflow-datasets>=4.9.4", "apache-beam>=2.60",  # the data tests run in CI
              "moto[server]>=5.0", "s3fs>=2024.6"],  # a real S3 server on loopback for s3:// workdirs and data
     # Data sources beyond text files: Parquet, and TFDS through tfds.data_source (TensorFlow is not needed).

@@ -116,6 +116,22 @@ def bench_torch(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: 
     return {"compile_s": compile_s, "step_s": (time.perf_counter() - t0) / steps, "loss": float(loss), "peak_gb": peak}
 
 
+def model_overrides(spec: str) -> dict:
+    """'d_model=128,scan_layers=false' -> {'d_model': 128, 'scan_layers': False}, typed as ModelConfig's fields."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--model: {key!r} is not a ModelConfig field")
+        default = getattr(ModelConfig(), key)
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(default)(value) if default is not None else value
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="model preset (jaxllm/config.py PRESETS)")
@@ -124,6 +140,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--docs_per_row", type=int, default=4, help="packed documents per row (1 = causal only)")
+    p.add_argument("--model", default="", help="ModelConfig fields over the preset, e.g. "
+                   "d_model=128,num_layers=4,vocab_size=8000,scan_layers=false (the quickstart's shape)")
     p.add_argument("--attention", default="auto", help="attention_impl: auto, xla, cudnn, splash")
     p.add_argument("--remat", default=None, help="remat policy (default: none on CPU, dots elsewhere)")
     p.add_argument("--compute_dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
@@ -135,7 +153,7 @@ def main() -> None:
 
     on_cpu = jax.default_backend() == "cpu"
     cfg = ModelConfig.preset(args.preset, max_seq_len=max(args.seq_len, ModelConfig.preset(args.preset).max_seq_len),
-                             attention_impl=args.attention,
+                             **model_overrides(args.model), attention_impl=args.attention,
                              remat=args.remat or ("none" if on_cpu else "dots"),
                              compute_dtype=args.compute_dtype or ("float32" if on_cpu else "bfloat16"))
     peak = args.peak_tflops or device_peak_tflops()
