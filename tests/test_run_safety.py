@@ -40,7 +40,7 @@ def cli_args(workdir, corpus, tokenizer, steps: int, *extra) -> list[str]:
             f"--config.tokenizer={tokenizer}", "--config.data.seq_len=32", "--config.train.batch_size=2",
             f"--config.train.steps={steps}", "--config.train.save_every=2", "--config.train.log_every=1",
             "--config.train.eval_every=0", "--config.train.eval_batches=1", "--config.train.async_checkpointing=false",
-            *extra]
+            "--config.optim.lr=0.001", *extra]   # a fixed lr, so the changes below are changes whatever the default
 
 
 def test_changed_config_damaged_checkpoints_and_duplicate_rows(tmp_path, english_corpus, tokenizer_path, capfd):

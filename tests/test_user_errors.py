@@ -196,7 +196,11 @@ def test_plan_memory_plans_a_preset_with_its_own_vocabulary_and_small_models_in_
     # Llama 2 7B: 32000 rows (the config's vocab_size 0 means "the tokenizer's", and no tokenizer is given).
     assert "6.74B parameters" in out and "vocab 32000: the llama2-7b preset's" in out
     status, out, _ = run(capsys, "plan-memory", "--config=pretrain:model=tiny")
-    assert status == 0 and "1.12M parameters" in out and "0.00B" not in out
+    # By hand: the 6000-piece tokenizer pretrain builds, untied embedding and head (2 x 6000 x 64); per layer
+    # q/o 64x64, k/v 64x32 (2 KV heads of 16), a 3 x 64x192 MLP and two norms; one final norm.
+    layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192 + 2 * 64
+    params = 2 * 6000 * 64 + 2 * layer + 64
+    assert status == 0 and f"{params / 1e6:.2f}M parameters" in out and "0.00B" not in out
     status, out, _ = run(capsys, "plan-memory", "--config=pretrain:model=llama2-7b", "--config.model.vocab_size=1000")
     params = 6_738_415_616 - 2 * 31_000 * 4096         # an explicit vocabulary wins
     assert status == 0 and f"{params / 1e9:.2f}B parameters" in out and "vocab 1000: model.vocab_size" in out
