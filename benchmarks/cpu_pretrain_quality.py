@@ -14,7 +14,7 @@ neither saw (raw text: newlines and indentation are scored too).
            is measured, and is what the peer gets). Scored by `text_perplexity` (`jaxllm eval ppl`).
   peer     transformers' GPT2LMHeadModel (nanoGPT's architecture) at 4 layers x 192, 6 heads, context 256,
            character-level (vocabulary: the training text's characters, plus one for unseen ones), torch with
-           2 threads, nanoGPT's recipe: random 256-character windows, batch 16 (not re-tuned when jaxllm's went to 8),
+           2 threads, nanoGPT's recipe: random 256-character windows, batch 16 (--peer_batch),
            AdamW (lr 1e-3, betas 0.9/0.99, weight decay 0.1), 10% warmup then cosine to 1e-4, both on the clock:
            it trains for exactly the seconds jaxllm's `train` took (setup, compile and evaluations included, so
            the peer trains a little longer than jaxllm steps). Scored with the same windows (256 tokens,
@@ -182,13 +182,13 @@ def peer_bits_per_char(model, ids: np.ndarray, window: int) -> float:
     return total / math.log(2) / len(ids)
 
 
-def run_side(side: str, minutes: float, workdir: str, seconds: float = 0.0) -> dict:
+def run_side(side: str, minutes: float, workdir: str, seconds: float = 0.0, peer_batch: int = 16) -> dict:
     """One side in a fresh Python process, so that neither side's thread pools (XLA's, torch's) run or spin
     while the other trains."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, f"--side={side}", f"--minutes={seconds / 60 or minutes}", f"--json={result}"]
-        cmd += [f"--set={item}" for item in OVERRIDES]
+        cmd += [f"--set={item}" for item in OVERRIDES] + [f"--peer_batch={peer_batch}"]
         subprocess.run(cmd + ([f"--workdir={workdir}"] if workdir else []), check=True)
         return json.loads(result.read_text())
 
@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
                         help="jaxllm: override a field of the default config (repeatable), e.g. optim.lr=3e-3")
+    parser.add_argument("--peer_batch", type=int, default=16, help="the peer's batch (nanoGPT's recipe: 16)")
     args = parser.parse_args()
     OVERRIDES.extend(args.set)
     logging.basicConfig(level=logging.WARNING)
@@ -208,16 +209,18 @@ def main() -> None:
     budget = args.minutes * 60
     heldout = read_novel(HELDOUT_FILE)[:HELDOUT_CHARS]
     out = {"minutes": args.minutes, "cpus": os.cpu_count(), "heldout_characters": len(heldout),
-           "overrides": OVERRIDES}
+           "overrides": OVERRIDES, "peer_batch": args.peer_batch}
     if args.side == "jaxllm":
         with tempfile.TemporaryDirectory() as tmp:
             out["jaxllm"] = run_jaxllm(budget, Path(args.workdir or tmp), heldout)
     elif args.side == "peer":
-        out["peer"] = run_peer(budget, "\n".join(read_novel(f) for f in TRAIN_FILES), heldout)
+        text = "\n".join(read_novel(f) for f in TRAIN_FILES)
+        out["peer"] = run_peer(budget, text, heldout, batch=args.peer_batch)
     else:
         out["jaxllm"] = run_side("jaxllm", args.minutes, args.workdir)["jaxllm"]    # one after the other,
         print("jaxllm:", json.dumps(out["jaxllm"]), flush=True)                     # each alone on the cores
-        out["peer"] = run_side("peer", args.minutes, args.workdir, seconds=out["jaxllm"]["train_seconds"])["peer"]
+        out["peer"] = run_side("peer", args.minutes, args.workdir, seconds=out["jaxllm"]["train_seconds"],
+                               peer_batch=args.peer_batch)["peer"]
         print("peer:", json.dumps(out["peer"]), flush=True)
         out["jaxllm_vs_peer"] = out["jaxllm"]["bits_per_character"] / out["peer"]["bits_per_character"] - 1
         print(f"bits/character on {len(heldout):,} characters of 西游记: jaxllm {out['jaxllm']['bits_per_character']:.3f} "

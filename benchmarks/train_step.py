@@ -141,7 +141,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--docs_per_row", type=int, default=4, help="packed documents per row (1 = causal only)")
     p.add_argument("--model", default="", help="ModelConfig fields over the preset, e.g. "
-                   "d_model=128,num_layers=4,vocab_size=8000,scan_layers=false (the quickstart's shape)")
+                   "d_model=128,num_layers=4,vocab_size=8000,scan_layers=false (the quickstart's shape to 2026-12-04)")
     p.add_argument("--attention", default="auto", help="attention_impl: auto, xla, cudnn, splash")
     p.add_argument("--remat", default=None, help="remat policy (default: none on CPU, dots elsewhere)")
     p.add_argument("--compute_dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")

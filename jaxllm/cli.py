@@ -184,8 +184,8 @@ def cmd_quickstart(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jaxllm quickstart", description=COMMANDS["quickstart"][1],
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--workdir", default="runs/quickstart", help="where the run writes everything")
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
-    parser.add_argument("--vocab_size", type=int, default=8000, help="tokenizer vocabulary")
+    parser.add_argument("--steps", type=int, default=1200, help="pretraining steps")   # quickstart.PRETRAIN_STEPS
+    parser.add_argument("--vocab_size", type=int, default=0, help="tokenizer vocabulary (0: the pretrain config's)")
     parser.add_argument("--post_steps", type=int, default=120, help="steps of SFT and the reward model (DPO: half)")
     parser.add_argument("--stages", default="pretrain,sft,reward,dpo,rl", help="comma-separated stages to run")
     args = parser.parse_args(argv)

@@ -50,16 +50,20 @@ POSITIVE_PROMPT = "下面是一条正面的评论："
 TEMPLATE = "alpaca_zh"
 
 
-def quickstart_config(workdir: str, steps: int = 300, vocab_size: int = 8000) -> Config:
-    return Config(
-        model=ModelConfig.preset("tiny", vocab_size=0, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32,
-                                 mlp_dim=384, num_layers=4, max_seq_len=256, scan_layers=False),  # CPU: unrolled is faster
-        data=DataConfig(sources=SOURCES, eval_fraction=0.01, seq_len=256),
-        optim=OptimConfig(lr=2e-3, warmup_steps=30, min_lr_ratio=0.1),
-        train=TrainConfig(steps=steps, batch_size=16, log_every=20, eval_every=100, eval_batches=0,
-                          save_every=100, z_loss=1e-4),
-        workdir=workdir, tokenizer_vocab_size=vocab_size,
-    ).validate()
+PRETRAIN_STEPS = 1200   # ~4 minutes of the tiny default on a 2-core CPU (README, "The quickstart runs ...")
+
+
+def quickstart_config(workdir: str, steps: int = PRETRAIN_STEPS, vocab_size: int = 0) -> Config:
+    """`jaxllm train --config=pretrain` as shipped (the tiny model, its batch, rate and tokenizer size, on the
+    built-in corpora), with the quickstart's length, 1% held out and its logging; vocab_size 0 keeps the config's."""
+    from jaxllm.config import from_config_dict
+    from jaxllm.configs.pretrain import get_config
+    c = get_config("model=tiny")
+    c.workdir, c.train.steps, c.data.sources, c.data.eval_fraction = workdir, steps, SOURCES, 0.01
+    c.train.log_every, c.train.eval_every, c.train.eval_batches = 50, max(steps // 4, 1), 0   # 0: all held out
+    c.train.save_every = max(steps // 4, 1)
+    c.tokenizer_vocab_size = vocab_size or c.tokenizer_vocab_size
+    return from_config_dict(c)
 
 
 def _post_config(objective: str, workdir: Path, init_from: Path, train_file: Path, steps: int, **kw) -> Config:
@@ -161,7 +165,7 @@ def evaluate_model(checkpoint: Path, heldout_text: str, samples: bool = True) ->
     return out
 
 
-def run_quickstart(workdir: str, steps: int = 300, vocab_size: int = 8000, post_steps: int = 120,
+def run_quickstart(workdir: str, steps: int = PRETRAIN_STEPS, vocab_size: int = 0, post_steps: int = 120,
                    stages=STAGES) -> dict:
     t0 = time.time()
     root = Path(workdir)

@@ -149,7 +149,7 @@ def test_judge_and_self_instruct_exit_nonzero_when_every_request_fails(capsys, t
 
 HELP_DEFAULTS = {   # a command's --help, and a flag default it must show
     ("tokenizer", "train"): "(default: 8000)", ("tokenizer", "stats"): "(default: 'text')",
-    ("convert", "from-hf"): None, ("quickstart",): "(default: 300)", ("eval", "ppl"): "(default: 8)",
+    ("convert", "from-hf"): None, ("quickstart",): "(default: 1200)", ("eval", "ppl"): "(default: 8)",
     ("eval", "mcq"): "(default: 5)", ("eval", "judge"): "(default: 512)", ("generate",): "(default: 64)",
     ("serve",): "(default: 8000)", ("data", "plan"): "(default: 1000)", ("data", "prepare"): "(default: ",
     ("data", "clean"): "(default: 'any')", ("instruct", "generate"): "(default: 3072)",
