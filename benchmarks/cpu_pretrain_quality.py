@@ -55,21 +55,10 @@ OVERRIDES: list[str] = []   # --set a.b=value: a variant of the default config (
 
 
 def jaxllm_config(workdir: Path, steps: int, tokenizer: str = ""):
-    import ast
+    from jaxllm.cli import load_config_dict
     from jaxllm.config import from_config_dict
-    from jaxllm.configs.pretrain import get_config
-    c = get_config("")
-    for item in OVERRIDES:
-        key, _, text = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = c
-        for name in parents:
-            node = node[name]
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text                                   # a bare string, e.g. decay=linear
-        node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], float) else value
+    # The default config, and any --set as `jaxllm train` reads --config.a.b=value (same types, same errors).
+    c = load_config_dict(["--config=pretrain", *(f"--config.{item}" for item in OVERRIDES)])
     c.data.sources = tuple(str(NOVELS / f) for f in TRAIN_FILES)
     c.train.steps = steps
     c.workdir = str(workdir)

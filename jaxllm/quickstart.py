@@ -29,7 +29,8 @@ import numpy as np
 
 from jaxllm.checkpoint import load_params
 from jaxllm.config import (Config, DataConfig, DPOConfig, LoraConfig, ModelConfig, OptimConfig, RewardConfig,
-                           RLConfig, TrainConfig)
+                           RLConfig, TrainConfig, from_config_dict)
+from jaxllm.configs.pretrain import get_config as pretrain_config
 from jaxllm.data import load_documents, split_heldout
 from jaxllm.data.chat_pipeline import encode_pairs, pair_batch
 from jaxllm.data.formats import load_sft
@@ -56,9 +57,7 @@ PRETRAIN_STEPS = 1200   # ~4 minutes of the tiny default on a 2-core CPU (README
 def quickstart_config(workdir: str, steps: int = PRETRAIN_STEPS, vocab_size: int = 0) -> Config:
     """`jaxllm train --config=pretrain` as shipped (the tiny model, its batch, rate and tokenizer size, on the
     built-in corpora), with the quickstart's length, 1% held out and its logging; vocab_size 0 keeps the config's."""
-    from jaxllm.config import from_config_dict
-    from jaxllm.configs.pretrain import get_config
-    c = get_config("model=tiny")
+    c = pretrain_config("model=tiny")
     c.workdir, c.train.steps, c.data.sources, c.data.eval_fraction = workdir, steps, SOURCES, 0.01
     c.train.log_every, c.train.eval_every, c.train.eval_batches = 50, max(steps // 4, 1), 0   # 0: all held out
     c.train.save_every = max(steps // 4, 1)
