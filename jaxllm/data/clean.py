@@ -29,7 +29,7 @@ import os
 import time
 from typing import Iterable, Sequence
 
-from jaxllm.data import dedup, indexed
+from jaxllm.data import dedup, file_units
 from jaxllm.data.filters import FilterConfig, first_failure
 from jaxllm.data.formats import RecordError
 from jaxllm.data.sources import no_documents, open_source, source_files
@@ -66,14 +66,14 @@ def read_file(item: tuple[int, str], opts: CleanOptions) -> tuple[list[tuple[tup
     """One input file -> (its documents [(id, text)], what reading it left out: {"file", "skipped": {reason:
     records}} or, for a file that gives no text (empty, not UTF-8, not records), {"file", "unreadable": reason,
     "error"}). With opts.strict both raise instead, naming the file and line. A document's id is (file index,
-    position): where its text starts in the file (`indexed.iter_documents`: a byte offset, or a Parquet row), or
+    position): where its text starts in the file (`file_units.iter_documents`: a byte offset, or a Parquet row), or
     its index for files parsed whole (JSON arrays, ArrayRecord, built-ins), as every runner can compute it."""
     index, path = item
     on_error = "raise" if opts.strict else "skip"
     try:
-        if not path.startswith(("builtin:", "tfds:")) and indexed.streams(path):
+        if not path.startswith(("builtin:", "tfds:")) and file_units.streams(path):
             skipped = collections.Counter()
-            docs = [((index, pos), text) for pos, text in indexed.iter_documents(
+            docs = [((index, pos), text) for pos, text in file_units.iter_documents(
                 path, split=opts.text_split, field=opts.jsonl_field, on_error=on_error, skipped=skipped)]
             if not docs:
                 raise no_documents(path, skipped)

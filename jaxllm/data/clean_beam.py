@@ -31,7 +31,7 @@ import os
 from typing import Sequence
 
 from jaxllm.data import clean as clean_lib
-from jaxllm.data import dedup, indexed
+from jaxllm.data import dedup, file_units
 from jaxllm.data.formats import RecordError
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ def _document_source(opts):
 
         def read_records(self, file_name, tracker):
             with self.open_file(file_name) as f:
-                kind = indexed.format_of(file_name)
-                array = kind == "jsonl" and indexed.starts_json_array(f.read(4096))
+                kind = file_units.format_of(file_name)
+                array = kind == "jsonl" and file_units.starts_json_array(f.read(4096))
                 if kind == "parquet":
                     records = _parquet_records(f, file_name, tracker, opts)
                 elif (kind == "jsonl" and not array) or (kind == "txt" and opts.text_split == "line"):
@@ -93,7 +93,7 @@ def _line_start(f, start: int) -> int:
     before = f.read(2)
     if before[:1] == b"\n" or (before[:1] == b"\r" and before[1:2] != b"\n"):
         return start
-    line = next(indexed.raw_lines(f, start, 0), None)
+    line = next(file_units.raw_lines(f, start, 0), None)
     return line.next if line is not None else start
 
 
@@ -104,16 +104,16 @@ def _line_records(f, path: str, tracker, opts, reopen):
     current = []
 
     def claimed():
-        for line in indexed.raw_lines(f, start, 1 if start == 0 else 0):   # line numbers known from byte 0 only
+        for line in file_units.raw_lines(f, start, 1 if start == 0 else 0):   # line numbers known from byte 0 only
             if not tracker.try_claim(line.start):
                 return
             current[:] = [line]
             yield line
 
     def units(lines, seen_record):
-        if indexed.format_of(path) == "jsonl":
-            return indexed.json_units(f, path, opts.jsonl_field, on_error, 0, lines=lines, seen_record=seen_record)
-        return (u for line in lines for u in indexed.line_unit(line, path, 0))
+        if file_units.format_of(path) == "jsonl":
+            return file_units.json_units(f, path, opts.jsonl_field, on_error, 0, lines=lines, seen_record=seen_record)
+        return (u for line in lines for u in file_units.line_unit(line, path, 0))
 
     try:
         for unit in units(claimed(), start > 0):
@@ -124,7 +124,7 @@ def _line_records(f, path: str, tracker, opts, reopen):
         line = current[0]     # the error again, now with the line's number counted from the file's start
         with reopen(path) as g:
             line.lineno = 1 + sum(1 for _ in itertools.takewhile(lambda ln: ln.start < line.start,
-                                                                 indexed.raw_lines(g)))
+                                                                 file_units.raw_lines(g)))
         list(units([line], True))
         raise
 
@@ -142,7 +142,7 @@ def _whole_file_records(f, path: str, opts, array: bool, reopen):
         return
     skipped = collections.Counter()
     with reopen(path) as g:
-        yield from (("doc", pos, text) for pos, text in indexed.documents(f, g, path, split=opts.text_split,
+        yield from (("doc", pos, text) for pos, text in file_units.documents(f, g, path, split=opts.text_split,
                                                                             skipped=skipped))
     yield from (("skip", reason, n) for reason, n in skipped.items())
 
@@ -160,7 +160,7 @@ def _parquet_records(f, path: str, tracker, opts):
         if not tracker.try_claim(offset):
             break
         mine.append(group)
-    for unit in indexed.parquet_units(f, path, opts.jsonl_field, 0, groups=mine):
+    for unit in file_units.parquet_units(f, path, opts.jsonl_field, 0, groups=mine):
         yield ("skip", unit[1], 1) if unit[0] == "skip" else ("doc", unit[0], unit[5])
 
 

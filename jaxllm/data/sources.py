@@ -51,7 +51,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxllm.data import indexed
+from jaxllm.data import file_units, indexed
 from jaxllm.data import records as records_lib
 from jaxllm.data.formats import RecordError, parse_json_records
 
@@ -211,7 +211,7 @@ def _heldout_indices(n: int, fraction: float, seed: int) -> list[int]:
 def source_files(spec: str) -> list[str]:
     """A file, directory or glob spec (local, or gs:// / s3:// through etils.epath) → the sorted list of files
     it names."""
-    single, paths = _remote_listing(spec) if indexed.is_remote(spec) else _local_listing(spec)
+    single, paths = _remote_listing(spec) if file_units.is_remote(spec) else _local_listing(spec)
     if single:
         if not spec.endswith(SUFFIXES):
             raise ValueError(f"data source {spec!r}: unsupported file type; expected one of {SUFFIXES}")
@@ -274,7 +274,7 @@ def _remote_tree(folder) -> list[str]:
 def _is_one_json_object(path: str) -> bool:
     """A .json file whose first line opens an object but is no JSON value on its own: one pretty-printed
     object (a report, a manifest, nested data), not a JSON array or JSON Lines of records."""
-    with indexed.open_binary(path) as f:
+    with file_units.open_binary(path) as f:
         return is_one_object_line(f.readline())
 
 
@@ -292,7 +292,7 @@ def is_one_object_line(first: bytes) -> bool:
 
 def _read_text(path: str) -> str:
     """UTF-8 file → str without BOM, with `\\n` line ends. A bad byte is reported with its line number."""
-    with indexed.open_binary(path) as f:
+    with file_units.open_binary(path) as f:
         return decode_text(f.read(), path)
 
 
@@ -303,7 +303,7 @@ def decode_text(data: bytes, path: str) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise RecordError(indexed.utf8_error(path, line, data[e.start], column), NOT_UTF8) from None
+        raise RecordError(file_units.utf8_error(path, line, data[e.start], column), NOT_UTF8) from None
     text = text.removeprefix("\ufeff")
     # Universal newlines, as open() does: CRLF (Windows) and lone CR (old Mac) end lines.
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -315,7 +315,7 @@ def _read_file(path: str, *, jsonl_field: str, text_split: str, on_error: str = 
 
     Text, JSON Lines and Parquet files are indexed and read lazily (indexed.py), already cut into pieces; a JSON
     array is parsed whole into a list (cut by the caller)."""
-    if not (path.endswith((".jsonl", ".json")) and indexed.is_json_array(path)):
+    if not (path.endswith((".jsonl", ".json")) and file_units.is_json_array(path)):
         docs, skipped = indexed.open_indexed(path, split=text_split, field=jsonl_field, on_error=on_error,
                                              max_chars=piece_chars)
         return docs, collections.Counter(skipped)
