@@ -67,7 +67,7 @@ def jaxllm_config(workdir: Path, steps: int, tokenizer: str = ""):
 
 
 def run_jaxllm(budget_s: float, root: Path, heldout: str) -> dict:
-    from jaxllm.checkpoint import load_params
+    from jaxllm.weights import load_params
     from jaxllm.eval.perplexity import text_perplexity
     from jaxllm.metrics import read_metrics
     from jaxllm.run_setup import tokenizer_for_run

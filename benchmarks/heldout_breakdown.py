@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from cpu_pretrain_quality import HELDOUT_CHARS, HELDOUT_FILE, TRAIN_FILES, read_novel
-from jaxllm.checkpoint import load_params
+from jaxllm.weights import load_params
 from jaxllm.eval.perplexity import sliding_windows
 from jaxllm.model.padding import pad_sequences
 from jaxllm.model.transformer import hidden_states, target_log_z

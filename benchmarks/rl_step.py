@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxllm.checkpoint import save_params
+from jaxllm.weights import save_params
 from jaxllm.config import Config, DataConfig, ModelConfig, OptimConfig, RewardConfig, RLConfig, TrainConfig
 from jaxllm.data import load_documents
 from jaxllm.metrics import read_metrics

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "jaxllm.config": ("Config", "ConfigError", "DataConfig", "DPOConfig", "MeshConfig", "ModelConfig",
                       "OptimConfig", "RewardConfig", "TrainConfig"),
-    "jaxllm.checkpoint": ("export_hf", "import_hf", "load_params", "save_params"),
+    "jaxllm.weights": ("export_hf", "import_hf", "load_params", "save_params"),
     "jaxllm.inference": ("InferenceModel", "load_for_inference"),
     "jaxllm.data": ("load_documents", "lm_pipeline", "split_heldout"),
     "jaxllm.model.convert": ("from_hf", "to_hf"),

@@ -173,7 +173,7 @@ def cmd_convert(argv: list[str]) -> int:
     p.add_argument("--adapter_only", action="store_true", help="a LoRA run's adapters as a PEFT adapter folder "
                    "(adapter_config.json + adapter_model.safetensors) instead of the merged model")
     args = parser.parse_args(argv)
-    from jaxllm.checkpoint import export_hf, import_hf
+    from jaxllm.weights import export_hf, import_hf
     out = (import_hf(args.hf_dir, args.out) if args.direction == "from-hf"
            else export_hf(args.checkpoint, args.out, adapter_only=args.adapter_only))
     print(f"wrote {out}")

@@ -1,7 +1,7 @@
 """The inference seam: a checkpoint in any form a command accepts -> params, model config, tokenizer and the
 chat template the model was trained with, as one value that generate, eval and serve share.
 
-Checkpoint forms (checkpoint.py): a run workdir (its newest step), one step's directory, a converted checkpoint,
+Checkpoint forms (weights.py): a run workdir (its newest step), one step's directory, a converted checkpoint,
 or a Hugging Face directory. The template is the Jinja text the model carries (data/templates.model_template:
 chat_template.jinja of a run or a checkpoint, an HF folder's tokenizer_config.json); a model that carries none
 (pretrained from scratch) has None.
@@ -13,7 +13,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from jaxllm import checkpoint, hub, sharding, storage
+from jaxllm import hub, sharding, storage, weights
 from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.data.templates import ChatTemplate, model_template
 from jaxllm.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
@@ -43,11 +43,11 @@ def load_for_inference(path: str, *, tokenizer: str | None = None, mesh: Mesh | 
     `sharding.use_rules(mesh, MeshConfig().rules)`. None leaves them on the default device.
     compute_dtype, attention_impl: override the checkpoint's model config (e.g. "bfloat16", "xla")."""
     path = hub.resolve_model_path(path)
-    description = checkpoint.describe_checkpoint(path)
+    description = weights.describe_checkpoint(path)
     if mesh is not None:
-        params, cfg, saved_tokenizer = checkpoint.load_params_on_mesh(path, mesh, MeshConfig().rules)
+        params, cfg, saved_tokenizer = weights.load_params_on_mesh(path, mesh, MeshConfig().rules)
     else:
-        params, cfg, saved_tokenizer = checkpoint.load_params(path)
+        params, cfg, saved_tokenizer = weights.load_params(path)
     if not (tokenizer or saved_tokenizer):
         raise ValueError(f"{path} carries no tokenizer; pass one (--tokenizer)")
     overrides = {k: v for k, v in (("compute_dtype", compute_dtype), ("attention_impl", attention_impl))

@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxllm.checkpoint import load_params
+from jaxllm.weights import load_params
 from jaxllm.config import (Config, DataConfig, DPOConfig, LoraConfig, ModelConfig, OptimConfig, RewardConfig,
                            RLConfig, TrainConfig, from_config_dict)
 from jaxllm.configs.pretrain import get_config as pretrain_config
@@ -233,7 +233,7 @@ def run_quickstart(workdir: str, steps: int = PRETRAIN_STEPS, vocab_size: int = 
 
 def report_parameters(checkpoint: Path) -> int:
     """Parameters of the model a checkpoint holds."""
-    from jaxllm.checkpoint import describe_checkpoint
+    from jaxllm.weights import describe_checkpoint
     from jaxllm.model.spec import count_params
     return count_params(describe_checkpoint(str(checkpoint))["model_cfg"])
 

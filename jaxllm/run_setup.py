@@ -16,7 +16,8 @@ import logging
 import jax
 
 from jaxllm import distributed, hub, run_history, sharding, storage
-from jaxllm.checkpoint import RUN_CONFIG_FILE, checkpoint_steps, describe_checkpoint, load_params_on_mesh
+from jaxllm.checkpoint import RUN_CONFIG_FILE, checkpoint_steps
+from jaxllm.weights import describe_checkpoint, load_params_on_mesh
 from jaxllm.config import Config, ConfigError, init_checkpoint
 from jaxllm.data import templates
 from jaxllm.model.resize import check_tokenizer_size, resize_vocab, resized_config, token_rows

@@ -16,7 +16,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxllm.checkpoint import load_params  # noqa: E402
+from jaxllm.weights import load_params  # noqa: E402
 from jaxllm.cli import load_config  # noqa: E402
 from jaxllm.metrics import read_metrics  # noqa: E402
 from jaxllm.trainer import train  # noqa: E402

@@ -108,7 +108,7 @@ def test_stage_one_trains_only_new_rows_then_stage_two_trains_all_and_exports(se
                               hf_params["layers"]["mlp"]["up"])
 
     # Export: transformers loads the model and the merged tokenizer; logits of real tokens match ours.
-    from jaxllm.checkpoint import export_hf
+    from jaxllm.weights import export_hf
     from jaxllm.model.transformer import forward
     out = export_hf(str(stage2), str(setup["root"] / "export"))
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -128,7 +128,7 @@ def test_chinese_llama_lora_stage_trains_adapters_and_the_resized_embedding_on_a
     """Chinese-LLaMA's LoRA pretraining: the expanded vocabulary's embedding and head train whole beside adapters
     on a frozen base; without lora.train_embeddings the resize is refused (new rows would stay random)."""
     import dataclasses
-    from jaxllm.checkpoint import load_adapters, load_params
+    from jaxllm.weights import load_adapters, load_params
     from jaxllm.config import LoraConfig
     from jaxllm.model import lora
     merged, old = setup["merged"], setup["base_vocab"]

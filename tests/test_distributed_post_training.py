@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.checkpoint import save_params
+from jaxllm.weights import save_params
 from jaxllm.config import ModelConfig
 from jaxllm.metrics import read_metrics
 from jaxllm.model.spec import init_params

@@ -167,7 +167,7 @@ def test_over_long_prompt_is_refused(model):
 
 
 def test_generate_command_prints_seeded_continuations(model, tokenizer_path, tmp_path, capsys):
-    from jaxllm.checkpoint import save_params
+    from jaxllm.weights import save_params
     from jaxllm.cli import main
     params, cfg = model
     ckpt = save_params(str(tmp_path / "ckpt"), params, cfg, tokenizer_path)

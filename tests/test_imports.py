@@ -14,10 +14,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxllm"
 # room -> modules it must never import (directly, at any depth inside the function bodies too): the model is
 # importable by research code without the trainer's I/O, and the tokenizer stands on its own.
 FORBIDDEN = {
-    "model": ("jaxllm.checkpoint", "jaxllm.trainer", "jaxllm.objectives", "jaxllm.data", "jaxllm.run_setup",
-              "jaxllm.inference"),
-    "tokenizer": ("jaxllm.model", "jaxllm.checkpoint", "jaxllm.trainer", "jaxllm.objectives"),
-    "data": ("jaxllm.model", "jaxllm.checkpoint", "jaxllm.trainer", "jaxllm.objectives"),
+    "model": ("jaxllm.checkpoint", "jaxllm.weights", "jaxllm.trainer", "jaxllm.objectives", "jaxllm.data",
+              "jaxllm.run_setup", "jaxllm.inference"),
+    "tokenizer": ("jaxllm.model", "jaxllm.checkpoint", "jaxllm.weights", "jaxllm.trainer", "jaxllm.objectives"),
+    "data": ("jaxllm.model", "jaxllm.checkpoint", "jaxllm.weights", "jaxllm.trainer", "jaxllm.objectives"),
 }
 
 

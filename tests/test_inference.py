@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm.checkpoint import RunCheckpointer, save_params  # noqa: E402
+from jaxllm.checkpoint import RunCheckpointer  # noqa: E402
+from jaxllm.weights import save_params  # noqa: E402
 from jaxllm.config import Config, DataConfig  # noqa: E402
 from jaxllm.inference import inference_mesh, load_for_inference  # noqa: E402
 from jaxllm.model.convert import from_hf  # noqa: E402

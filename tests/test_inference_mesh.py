@@ -12,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from jaxllm.checkpoint import export_hf, save_params
+from jaxllm.weights import export_hf, save_params
 from jaxllm.config import ModelConfig
 from jaxllm.eval import cli
 from jaxllm.model.spec import init_params

@@ -89,7 +89,7 @@ def _legacy(shared_data, n):
 
 def test_judge_checkpoint_in_process_uses_its_saved_template(planted_server, shared_data, tmp_path, caplog):
     """`eval judge --judge_checkpoint`: the planted judge saved with its chat template, judged without a server."""
-    from jaxllm.checkpoint import save_params
+    from jaxllm.weights import save_params
     from jaxllm.data.templates import get_template, save_template
     from jaxllm.eval.cli import main as eval_main
     engine = planted_server.engine

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxllm.checkpoint import export_hf, load_adapters, load_params
+from jaxllm.weights import export_hf, load_adapters, load_params
 from jaxllm.config import DPOConfig, LoraConfig, ModelConfig, RewardConfig
 from jaxllm.metrics import read_metrics
 from jaxllm.model import lora, quantize

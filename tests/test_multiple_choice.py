@@ -173,7 +173,7 @@ def write_ceval_csv(path, rows, header="id,question,A,B,C,D,answer", answers=Tru
 
 @pytest.fixture
 def mcq_checkpoint(tmp_path, llama_tok):
-    from jaxllm.checkpoint import save_params
+    from jaxllm.weights import save_params
     params, cfg = planted_model(llama_tok, max_len=256)             # always answers C
     return save_params(str(tmp_path / "ckpt"), params, cfg, llama_tok.path)
 

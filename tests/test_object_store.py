@@ -94,7 +94,7 @@ def test_run_in_a_bucket_on_prepared_data_there_stopped_and_resumed_exactly(s3_b
     events = [p.name for p in (root / "tensorboard").iterdir()]
     assert len(events) == 2 and all(n.startswith("events.out.tfevents") for n in events)   # one per process run
 
-    from jaxllm.checkpoint import load_params
+    from jaxllm.weights import load_params
     import numpy as np
     import jax
     remote_params, _, _ = load_params(run)

@@ -112,7 +112,7 @@ def test_per_source_breakdown_pools_the_sums(hf_model, tokenizer_path, tmp_path)
 
 
 def test_eval_ppl_command_writes_its_report(hf_model, tokenizer_path, tmp_path, capsys):
-    from jaxllm.checkpoint import save_params
+    from jaxllm.weights import save_params
     from jaxllm.cli import main
     _, params, cfg = hf_model
     ckpt = save_params(str(tmp_path / "ckpt"), params, cfg, tokenizer_path)
@@ -129,7 +129,7 @@ def test_eval_ppl_command_writes_its_report(hf_model, tokenizer_path, tmp_path, 
 def test_eval_ppl_refuses_an_empty_file_even_beside_real_ones(hf_model, tokenizer_path, tmp_path, capsys):
     """An empty file has no tokens: its "perplexity 1.000, 0 bits" would be a made-up score. The command
     fails naming the file, and writes no report."""
-    from jaxllm.checkpoint import save_params
+    from jaxllm.weights import save_params
     from jaxllm.cli import main
     _, params, cfg = hf_model
     ckpt = save_params(str(tmp_path / "ckpt"), params, cfg, tokenizer_path)

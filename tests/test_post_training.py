@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.checkpoint import save_params
+from jaxllm.weights import save_params
 from jaxllm.config import Config, DataConfig, DPOConfig, ModelConfig, OptimConfig, RewardConfig, TrainConfig
 from jaxllm.data.chat_pipeline import encode_sft, sample_rows
 from jaxllm.data.formats import RecordError, load_pairs, load_sft
@@ -252,7 +252,7 @@ def test_reward_model_beats_chance_and_draws_the_gap_plots(tmp_path, review_pair
     for name in ("reward_gap_curve.png", "reward_gap_hist_step000000.png", "reward_gap_hist_step000060.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 0
     # jaxllm.score on new texts with the trained model: a positive review outscores a negative one.
-    from jaxllm.checkpoint import load_params
+    from jaxllm.weights import load_params
     from jaxllm.objectives.reward import score
     params, model_cfg, tok_path = load_params(str(tmp_path))
     assert "reward_head" in params

@@ -9,7 +9,7 @@ import re
 import jax
 import pytest
 
-from jaxllm.checkpoint import save_params
+from jaxllm.weights import save_params
 from jaxllm.cli import main
 from jaxllm.config import ModelConfig
 from jaxllm.data.chat_pipeline import encode_pairs

@@ -239,7 +239,7 @@ def test_serve_command_reads_the_api_key_from_the_environment(served, tmp_path):
     import os
     import subprocess
     import sys
-    from jaxllm.checkpoint import save_params
+    from jaxllm.weights import save_params
     _, _, params, cfg, tok = served
     ckpt = save_params(str(tmp_path / "ckpt"), params, cfg, tok.path)
     env = {**os.environ, "JAXLLM_API_KEY": "from-env", "JAX_PLATFORMS": "cpu"}

@@ -248,7 +248,7 @@ def test_a_run_saves_its_template_and_inference_reads_it(tmp_path, tokenizer_pat
     from jaxllm.inference import load_for_inference
     from jaxllm.run_setup import save_run_template
     torch = pytest.importorskip("torch")
-    from jaxllm.checkpoint import import_hf
+    from jaxllm.weights import import_hf
     # A Hugging Face model with its own template -> convert from-hf keeps it -> SFT "auto" picks it.
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

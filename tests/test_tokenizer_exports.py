@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.checkpoint import export_hf, save_params
+from jaxllm.weights import export_hf, save_params
 from jaxllm.config import ModelConfig
 from jaxllm.data import templates
 from jaxllm.model.spec import init_params

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.checkpoint import CheckpointMismatchError, load_params
+from jaxllm.checkpoint import CheckpointMismatchError
+from jaxllm.weights import load_params
 from jaxllm.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxllm.metrics import read_metrics
 from jaxllm.trainer import NonFiniteLossError, train

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import sharding, steps
-from jaxllm.checkpoint import load_params_on_mesh
+from jaxllm.weights import load_params_on_mesh
 from jaxllm.config import Config, ConfigError, ModelConfig, init_checkpoint
 from jaxllm.data.chat_pipeline import encoded_pairs_of_run, pair_batch, preference_pipelines
 from jaxllm.progress import ProgressLog

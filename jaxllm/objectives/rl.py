@@ -441,7 +441,7 @@ def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: in
     # (steps.reference_params), so the weights are not held twice.
     frozen = {}
     if not cfg.lora.rank:
-        from jaxllm.checkpoint import load_params_on_mesh
+        from jaxllm.weights import load_params_on_mesh
         reference, _, _ = load_params_on_mesh(cfg.init_from, mesh, cfg.mesh.rules)
         frozen = {"reference": {k: v for k, v in reference.items() if k not in HEADS}}
     held = list(range(len(train_records), len(prompts)))[:rl.eval_prompts]
