@@ -32,12 +32,6 @@ def get_config(arg: str = ""):
         # A smaller vocabulary: a cheaper output head (most of a d64 model's FLOPs) and fewer corpus-specific
         # merges; 6000 pieces beat 8000 by another 0.13 bits/character in the same comparison.
         c.tokenizer_vocab_size = 6000
-        # Strong weight decay, on the embedding and the head too. A few books are read several times over in a
-        # few minutes, and the held-out score stops improving after ~2 passes (4x the steps overfits: 9.62 bits/char
-        # on a held-out novel against 9.16); decay towards zero there beat the default by 0.1-0.14 bits/character
-        # at 6 minutes, while decaying only the matrices, or dropout 0.1 / 0.2, gained nothing (RESULTS.md).
-        c.optim.weight_decay = 3.0      # lr-scaled (decoupled): 6e-3 per step at the peak rate
-        c.optim.decay_embeddings = True
     return c
 
 
