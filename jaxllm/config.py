@@ -215,6 +215,11 @@ class TrainConfig:
     batch_size: int = 8             # global batch in packed rows (split across processes and devices)
     seed: int = 0                   # parameter init and data order
     z_loss: float = 0.0             # weight of log(Z)^2 (PaLM), keeps the softmax normaliser near 1
+    # Label smoothing ε (T5X, HF Trainer): train towards (1-ε)·one-hot + ε·prior. The prior is "uniform" over the
+    # vocabulary or "unigram": the target frequencies of the batch itself (of each micro-batch with grad_accum).
+    # Only what is differentiated changes; the logged and evaluated loss stays the plain cross-entropy.
+    label_smoothing: float = 0.0
+    smoothing_prior: str = "uniform"
     log_every: int = 10             # steps between log lines / metrics.jsonl rows
     eval_every: int = 100           # steps between held-out evaluations; 0 = only at the end
     eval_batches: int = 8           # held-out batches per evaluation; 0 = all of them
@@ -227,6 +232,8 @@ class TrainConfig:
     def validate(self, where: str = "train") -> None:
         _check(self.steps > 0 and self.batch_size > 0, f"{where}.steps and {where}.batch_size must be > 0")
         _check(self.log_every > 0, f"{where}.log_every must be > 0")
+        _check(0.0 <= self.label_smoothing < 1.0, f"{where}.label_smoothing must be in [0, 1)")
+        _check(self.smoothing_prior in ("uniform", "unigram"), f"{where}.smoothing_prior must be uniform or unigram")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,6 +377,7 @@ class Config:
     workdir: str = ""               # everything the run writes; required
     tokenizer: str = ""             # path to a SentencePiece tokenizer.model; empty = train one on data.sources
     tokenizer_vocab_size: int = 8000  # vocabulary of the tokenizer trained when `tokenizer` is empty
+    tokenizer_character_coverage: float = 0.99995  # its share of characters kept as pieces (the rest: bytes)
     init_from: str = ""             # checkpoint or Hugging Face dir to start from (params only); "scratch" =
                                     # random weights, which sft / reward / dpo need said explicitly
     resize_method: str = "none"     # init_from with a larger tokenizer: "none" (error) | "mean" | "mean_noise" |
@@ -393,6 +401,7 @@ class Config:
         _check(self.resize_method in ("none", "mean", "mean_noise", "subword_mean"),
                f"resize_method must be none, mean, mean_noise or subword_mean, got {self.resize_method!r}")
         _check(self.resize_pad_to_multiple >= 1, "resize_pad_to_multiple must be >= 1")
+        _check(0.0 < self.tokenizer_character_coverage <= 1.0, "tokenizer_character_coverage must be in (0, 1]")
         _check(self.lora.rank == 0 or (bool(self.init_from) and self.init_from != INIT_SCRATCH),
                f"lora.rank={self.lora.rank} adapts a trained base: set --config.init_from=<checkpoint or Hugging "
                f"Face dir> (got {self.init_from!r})")

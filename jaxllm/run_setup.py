@@ -61,7 +61,8 @@ def tokenizer_for_run(cfg: Config, init_tokenizer: str | None = None) -> Tokeniz
         logging.info("no tokenizer given: training a %d-piece SentencePiece BPE on the training documents",
                      cfg.tokenizer_vocab_size)
         train_docs, _ = lm_documents(cfg)
-        train_tokenizer(train_docs, out_dir=cfg.workdir, vocab_size=cfg.tokenizer_vocab_size)
+        train_tokenizer(train_docs, out_dir=cfg.workdir, vocab_size=cfg.tokenizer_vocab_size,
+                        character_coverage=cfg.tokenizer_character_coverage)
     distributed.barrier("jaxllm_tokenizer")
     return load_tokenizer(cfg.workdir)
 

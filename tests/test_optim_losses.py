@@ -10,8 +10,9 @@ import optax
 import pytest
 
 from jaxllm.config import ModelConfig, OptimConfig
-from jaxllm.objectives.lm import token_cross_entropy
 from jaxllm.model.spec import init_params
+from jaxllm.model.transformer import forward
+from jaxllm.objectives.lm import lm_loss, token_cross_entropy
 from jaxllm.optim import lr_schedule, make_optimizer, weight_decay_mask
 from jaxllm.steps import init_train_state, train_step
 
@@ -69,3 +70,32 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(one["params"]["w"], four["params"]["w"], rtol=1e-6)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     assert int(four["step"]) == 1 and isinstance(tx, optax.GradientTransformation)
+
+
+@pytest.mark.parametrize("prior", ["uniform", "unigram"])
+def test_label_smoothing_matches_optax_on_explicit_targets(prior):
+    """lm_loss with label smoothing against optax's cross-entropy on the smoothed target distribution written
+    out in full: (1-ε)·one-hot + ε·prior, the prior uniform over the vocabulary or the frequencies of the
+    batch's masked targets. The reported loss stays the plain cross-entropy."""
+    cfg = ModelConfig(vocab_size=11, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                      mlp_dim=32, max_seq_len=8)
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 11, (2, 6)).astype(np.int32)
+    targets = rng.integers(0, 11, (2, 6)).astype(np.int32)
+    mask = np.array([[1, 1, 1, 0, 1, 1], [1, 1, 0, 0, 1, 1]], np.float32)
+    batch = {"tokens": tokens, "targets": targets, "loss_mask": mask,
+             "segment_ids": np.ones((2, 6), np.int32), "positions": np.tile(np.arange(6, dtype=np.int32), (2, 1))}
+    eps = 0.3
+    total, metrics = lm_loss(params, batch, model_cfg=cfg, label_smoothing=eps, smoothing_prior=prior)
+
+    logits = forward(params, tokens, cfg, batch["segment_ids"], batch["positions"])       # (2, 6, 11)
+    if prior == "uniform":
+        u = np.full(11, 1 / 11)
+    else:
+        u = np.bincount(targets[mask > 0], minlength=11) / mask.sum()
+    q = (1 - eps) * np.eye(11)[targets] + eps * u                                           # (2, 6, 11)
+    expected = (optax.softmax_cross_entropy(logits, q) * mask).sum()
+    assert float(total) == pytest.approx(float(expected), rel=1e-5)
+    plain = (optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask).sum()
+    assert float(metrics["loss"]) == pytest.approx(float(plain), rel=1e-5)

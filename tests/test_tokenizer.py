@@ -247,3 +247,18 @@ def test_byte_fallback_share_by_language_counts_the_bytes_of_an_unseen_character
     stats = tokens_per_char_by_language(trained, [doc, "To be, or not to be."])
     assert stats["zh"]["byte_fallback_share"] == pytest.approx(3 / len(trained.encode(doc)))
     assert stats["en"]["byte_fallback_share"] == 0.0
+
+
+@pytest.mark.parametrize("coverage, byte_pieces", [(1.0, False), (0.999, True)])
+def test_run_tokenizer_keeps_the_configured_character_coverage(tmp_path, coverage, byte_pieces):
+    """A run without a tokenizer trains one with `tokenizer_character_coverage`: at 1.0 every character of its
+    training text is a piece; at 0.999 the rarest fall back to UTF-8 byte pieces."""
+    from jaxllm.config import Config, DataConfig
+    from jaxllm.run_setup import tokenizer_for_run
+    text = _read(HONGLOUMENG, 60_000)
+    source = tmp_path / "novel.txt"
+    source.write_text(text, encoding="utf-8")
+    cfg = Config(workdir=str(tmp_path / "run"), data=DataConfig(sources=(str(source),), eval_fraction=0.0),
+                 tokenizer_vocab_size=VOCAB_SIZE, tokenizer_character_coverage=coverage)
+    tok = tokenizer_for_run(cfg)
+    assert any(p.startswith("<0x") for p in _pieces(tok, text)) == byte_pieces

@@ -16,7 +16,7 @@ from jaxllm.config import Config, ModelConfig
 from jaxllm.data import load_documents, lm_pipeline, mixture_stats, split_heldout, total_lanes
 from jaxllm.data.mixture import from_config as mixture_from_config
 from jaxllm.model.spec import param_specs
-from jaxllm.model.transformer import hidden_states, target_log_z
+from jaxllm.model.transformer import hidden_states, lm_head_weight, target_log_z
 from jaxllm.objectives import Objective
 
 
@@ -29,25 +29,55 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, 
     return cross_entropy_sums(log_z, target_logit, mask, z_loss)
 
 
-def cross_entropy_sums(log_z: jax.Array, target_logit: jax.Array, mask: jax.Array, z_loss: float = 0.0) -> dict:
+def cross_entropy_sums(log_z: jax.Array, target_logit: jax.Array, mask: jax.Array, z_loss: float = 0.0,
+                       label_smoothing: float = 0.0, mean_logit: jax.Array | None = None) -> dict:
     """Sums over masked tokens, in float32, from log Z and the target's logit, each (batch, length): `loss`
-    (cross-entropy + z_loss·log(Z)², what is differentiated), `nll` (cross-entropy alone), `z_loss`, `tokens`."""
+    (what is differentiated: the cross-entropy against the smoothed targets + z_loss·log(Z)²), `nll` (the plain
+    cross-entropy), `z_loss`, `tokens`. Label smoothing ε needs `mean_logit` (batch, length), Σ_v prior_v·logit_v:
+    -Σ_v q_v log p_v with q = (1-ε)·one-hot + ε·prior is log Z - (1-ε)·target logit - ε·mean_logit."""
     mask = mask.astype(jnp.float32)
     nll = (log_z - target_logit) * mask
+    smoothed = nll if not label_smoothing else (
+        log_z - (1.0 - label_smoothing) * target_logit - label_smoothing * mean_logit) * mask
     z_term = z_loss * jnp.square(log_z) * mask
-    return {"loss": jnp.sum(nll + z_term), "nll": jnp.sum(nll), "z_loss": jnp.sum(z_term),
+    return {"loss": jnp.sum(smoothed + z_term), "nll": jnp.sum(nll), "z_loss": jnp.sum(z_term),
             "tokens": jnp.sum(mask)}
 
 
-def lm_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, z_loss: float = 0.0):
+def lm_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, z_loss: float = 0.0,
+            label_smoothing: float = 0.0, smoothing_prior: str = "uniform"):
     """Next-token loss on packed rows: batch has tokens, targets, loss_mask, segment_ids, positions,
     each (batch, length)."""
     h = hidden_states(params, batch["tokens"], model_cfg, segment_ids=batch["segment_ids"],
                       positions=batch["positions"])                      # (batch, length, embed)
     log_z, target_logit = target_log_z(params, h, batch["targets"], model_cfg)   # each (batch, length)
-    sums = cross_entropy_sums(log_z, target_logit, batch["loss_mask"], z_loss)
-    total = sums.pop("loss")                       # what is differentiated: cross-entropy + z-loss
+    mean_logit = None
+    if label_smoothing:
+        mean_logit = (mean_vocab_logit(params, h, model_cfg) if smoothing_prior == "uniform" else
+                      unigram_mean_logit(params, h, batch["targets"], batch["loss_mask"]))
+    sums = cross_entropy_sums(log_z, target_logit, batch["loss_mask"], z_loss, label_smoothing, mean_logit)
+    total = sums.pop("loss")                       # what is differentiated: smoothed cross-entropy + z-loss
     return total, {"loss": sums["nll"], "z_loss": sums["z_loss"], "count": sums["tokens"]}
+
+
+def mean_vocab_logit(params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """(batch, length): the mean logit over the real vocabulary rows. Logits are linear in the head, so this is
+    h against the head's mean column, without forming the (batch, length, vocab) logits."""
+    w = lm_head_weight(params)                                          # (embed, vocab)
+    real = cfg.valid_vocab_size or w.shape[1]
+    w_mean = jnp.mean(w[:, :real].astype(jnp.float32), axis=1)         # (embed,)
+    return jnp.einsum("bld,d->bl", h.astype(jnp.float32), w_mean)
+
+
+def unigram_mean_logit(params, h: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """(batch, length): Σ_v u_v·logit_v, u the frequencies of the batch's own (masked) targets: h against the mean
+    of the head's columns of those targets. An unbiased estimate of smoothing towards the corpus unigram that needs
+    no counting pass over the data: the term is linear in u."""
+    w = lm_head_weight(params)                                           # (embed, vocab)
+    mask = mask.astype(jnp.float32)
+    counts = jnp.zeros(w.shape[1], jnp.float32).at[targets].add(mask)    # (vocab,): a histogram, not a gather
+    w_mean = jnp.einsum("dv,v->d", w.astype(jnp.float32), counts) / jnp.maximum(jnp.sum(mask), 1.0)   # (embed,)
+    return jnp.einsum("bld,d->bl", h.astype(jnp.float32), w_mean)
 
 
 train_step = functools.partial(steps.train_step, loss_fn=lm_loss)
@@ -81,7 +111,8 @@ def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: in
     lanes = total_lanes(batch_size, process_count)
     return Objective(
         train_step=train_step, eval_step=eval_step,
-        loss_settings=dict(model_cfg=cfg.model, z_loss=cfg.train.z_loss),
+        loss_settings=dict(model_cfg=cfg.model, z_loss=cfg.train.z_loss,
+                           label_smoothing=cfg.train.label_smoothing, smoothing_prior=cfg.train.smoothing_prior),
         specs=param_specs(cfg.model),
         train_batches=train_batches,
         eval_batches=lambda: pipeline(eval_records, seed=0, shuffle=False, repeat=False),
