@@ -402,6 +402,9 @@ class Config:
                f"resize_method must be none, mean, mean_noise or subword_mean, got {self.resize_method!r}")
         _check(self.resize_pad_to_multiple >= 1, "resize_pad_to_multiple must be >= 1")
         _check(0.0 < self.tokenizer_character_coverage <= 1.0, "tokenizer_character_coverage must be in (0, 1]")
+        _check(self.train.label_smoothing == 0 or self.objective in ("lm", "sft"),
+               f"train.label_smoothing smooths next-token targets (objectives lm and sft); objective "
+               f"{self.objective!r} has none (DPO's own is dpo.label_smoothing)")
         _check(self.lora.rank == 0 or (bool(self.init_from) and self.init_from != INIT_SCRATCH),
                f"lora.rank={self.lora.rank} adapts a trained base: set --config.init_from=<checkpoint or Hugging "
                f"Face dir> (got {self.init_from!r})")

@@ -92,6 +92,15 @@ def test_tuple_field_given_a_scalar_names_the_field_before_anything_is_written(c
     assert_one_line_error(err, "'data.sources'", "list of str", "got 5 (int)", "--config.data.sources=\"'5'\"")
 
 
+def test_label_smoothing_on_an_objective_without_next_token_targets_is_refused(capsys, tmp_path):
+    """train.label_smoothing reaches lm and sft; a reward run would silently ignore it, so it is an error."""
+    workdir = tmp_path / "run"
+    status, _, err = run(capsys, "train", "--config=reward", f"--config.workdir={workdir}",
+                         "--config.init_from=scratch", "--config.train.label_smoothing=0.1")
+    assert status == 1 and not workdir.exists()
+    assert_one_line_error(err, "train.label_smoothing", "'reward'", "dpo.label_smoothing")
+
+
 def test_a_file_that_is_no_sentencepiece_model_is_named_without_protobuf_internals(capsys, tmp_path,
                                                                                    english_corpus):
     bad = tmp_path / "tokenizer.model"

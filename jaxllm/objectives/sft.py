@@ -31,7 +31,8 @@ def make_objective(cfg: Config, tokenizer, *, batch_size: int, process_index: in
                                  process_index=process_index, process_count=process_count)
     return Objective(
         train_step=train_step, eval_step=eval_step,
-        loss_settings=dict(model_cfg=cfg.model),
+        loss_settings=dict(model_cfg=cfg.model, label_smoothing=cfg.train.label_smoothing,
+                           smoothing_prior=cfg.train.smoothing_prior),
         specs=param_specs(cfg.model),
         train_batches=pipeline(train_samples, seed=cfg.train.seed),
         eval_batches=lambda: pipeline(eval_samples, seed=0, shuffle=False, repeat=False),
