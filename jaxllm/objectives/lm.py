@@ -51,32 +51,25 @@ def lm_loss(params, batch, frozen=None, *, model_cfg: ModelConfig, z_loss: float
     h = hidden_states(params, batch["tokens"], model_cfg, segment_ids=batch["segment_ids"],
                       positions=batch["positions"])                      # (batch, length, embed)
     log_z, target_logit = target_log_z(params, h, batch["targets"], model_cfg)   # each (batch, length)
-    mean_logit = None
-    if label_smoothing:
-        mean_logit = (mean_vocab_logit(params, h, model_cfg) if smoothing_prior == "uniform" else
-                      unigram_mean_logit(params, h, batch["targets"], batch["loss_mask"]))
+    mean_logit = (prior_mean_logit(params, h, model_cfg, smoothing_prior, batch["targets"], batch["loss_mask"])
+                  if label_smoothing else None)
     sums = cross_entropy_sums(log_z, target_logit, batch["loss_mask"], z_loss, label_smoothing, mean_logit)
     total = sums.pop("loss")                       # what is differentiated: smoothed cross-entropy + z-loss
     return total, {"loss": sums["nll"], "z_loss": sums["z_loss"], "count": sums["tokens"]}
 
 
-def mean_vocab_logit(params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """(batch, length): the mean logit over the real vocabulary rows. Logits are linear in the head, so this is
-    h against the head's mean column, without forming the (batch, length, vocab) logits."""
-    w = lm_head_weight(params)                                          # (embed, vocab)
-    real = cfg.valid_vocab_size or w.shape[1]
-    w_mean = jnp.mean(w[:, :real].astype(jnp.float32), axis=1)         # (embed,)
-    return jnp.einsum("bld,d->bl", h.astype(jnp.float32), w_mean)
-
-
-def unigram_mean_logit(params, h: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """(batch, length): Σ_v u_v·logit_v, u the frequencies of the batch's own (masked) targets: h against the mean
-    of the head's columns of those targets. An unbiased estimate of smoothing towards the corpus unigram that needs
-    no counting pass over the data: the term is linear in u."""
-    w = lm_head_weight(params)                                           # (embed, vocab)
-    mask = mask.astype(jnp.float32)
-    counts = jnp.zeros(w.shape[1], jnp.float32).at[targets].add(mask)    # (vocab,): a histogram, not a gather
-    w_mean = jnp.einsum("dv,v->d", w.astype(jnp.float32), counts) / jnp.maximum(jnp.sum(mask), 1.0)   # (embed,)
+def prior_mean_logit(params, h: jax.Array, cfg: ModelConfig, prior: str, targets: jax.Array,
+                     mask: jax.Array) -> jax.Array:
+    """(batch, length): Σ_v prior_v·logit_v. Logits are linear in the head, so this is h against the head's
+    prior-weighted mean column, without forming the (batch, length, vocab) logits. "uniform": the real vocabulary
+    rows alike; "unigram": the batch's own (masked) target frequencies, an unbiased estimate of the corpus
+    unigram that needs no counting pass over the data (the term is linear in the prior)."""
+    w = lm_head_weight(params).astype(jnp.float32)                       # (embed, vocab)
+    if prior == "uniform":
+        weights = (jnp.arange(w.shape[1]) < (cfg.valid_vocab_size or w.shape[1])).astype(jnp.float32)
+    else:
+        weights = jnp.zeros(w.shape[1], jnp.float32).at[targets].add(mask.astype(jnp.float32))  # a histogram
+    w_mean = jnp.einsum("dv,v->d", w, weights) / jnp.maximum(jnp.sum(weights), 1.0)   # (embed,)
     return jnp.einsum("bld,d->bl", h.astype(jnp.float32), w_mean)
 
 
