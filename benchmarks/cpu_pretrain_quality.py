@@ -11,7 +11,8 @@ neither saw (raw text: newlines and indentation are scored too).
            its tokenizer (6000-piece BPE, trained first and not timed), its data defaults (whole files cut into
            shuffled pieces), its schedule, its periodic evaluation and checkpoints. train.steps is sized to the
            budget from a short calibration run (on a shared machine the load changes, so the time it then takes
-           is measured, and is what the peer gets). Scored by `text_perplexity` (`jaxllm eval ppl`).
+           is measured, and is what the peer gets). Scored by `text_perplexity` (`jaxllm eval ppl
+           --window=256`) in windows of the 256-token rows it trained on, as the peer is.
   peer     transformers' GPT2LMHeadModel (nanoGPT's architecture) at 4 layers x 192, 6 heads, context 256,
            character-level (vocabulary: the training text's characters, plus one for unseen ones), torch with
            2 threads, nanoGPT's recipe: random 256-character windows, batch 16 (--peer_batch),
@@ -93,7 +94,9 @@ def run_jaxllm(budget_s: float, root: Path, heldout: str) -> dict:
     result = train(jaxllm_config(root / "run", steps, tok_path))
     train_s = time.perf_counter() - t0
     params, model_cfg, tpath = load_params(str(root / "run"))
-    ppl = text_perplexity(params, model_cfg, load_tokenizer(tpath), heldout)
+    # Windows of the rows it trained on (256 tokens), as the peer is scored: the tiny preset's max_seq_len (512),
+    # `eval ppl`'s default window, would also score positions 256-511, which training never reached.
+    ppl = text_perplexity(params, model_cfg, load_tokenizer(tpath), heldout, window=cfg.data.seq_len)
     from jaxllm.tokenizer.inspect import text_stats
     stats = text_stats(load_tokenizer(tpath), [heldout])
     return {"steps": steps, "train_seconds": train_s, "tokenizer_seconds": tokenizer_s, "step_seconds": step_s,

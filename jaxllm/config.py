@@ -414,8 +414,10 @@ class Config:
                f"objective {self.objective!r} fine-tunes a trained model: set --config.init_from=<jaxllm workdir, "
                f"checkpoint or Hugging Face dir> (its tokenizer comes along), or --config.init_from=scratch to "
                f"train from random weights")
-        _check(self.data.seq_len <= self.model.max_seq_len,
-               f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        # With init_from the context is the checkpoint's, grown to data.seq_len (run_setup.architecture_from_init).
+        _check(bool(init_checkpoint(self)) or self.data.seq_len <= self.model.max_seq_len,
+               f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}): raise "
+               f"--config.model.max_seq_len with it, the longest position the model is used at")
         return self
 
 

@@ -101,3 +101,17 @@ def test_cli_outside_the_checkout_names_the_shipped_configs(tmp_path):
     out = run("train", "--config=pretrian", f"--config.workdir={tmp_path}")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "pretrian" in out.stderr and "pretrain, reward, sft" in out.stderr
+
+
+def test_tiny_pretraining_is_scored_and_sampled_within_the_length_it_trains_at():
+    """`eval ppl`'s windows and generation stop at model.max_seq_len. For the from-scratch tiny config that is the
+    row length it trains at: the preset's 512 made `eval ppl` score positions 256-511, which no step had reached
+    (a held-out novel scored 0.3% worse, the quickstart's sliding-window figure 2.4% worse)."""
+    cfg = from_config_dict(load_config_dict(["--config=pretrain", "--config.workdir=unused"]))
+    assert cfg.model.max_seq_len == cfg.data.seq_len == 256
+    longer = load_config_dict(["--config=pretrain", "--config.workdir=unused", "--config.data.seq_len=512"])
+    with pytest.raises(ConfigError, match=r"data.seq_len \(512\) exceeds model.max_seq_len \(256\)"):
+        from_config_dict(longer)      # a longer row says which field to raise with it
+    # Continued pretraining takes its context from the checkpoint (grown to data.seq_len), not from this config.
+    from_config_dict(load_config_dict(["--config=continue_pretrain", "--config.workdir=unused",
+                                       "--config.init_from=hf_model", "--config.data.seq_len=1024"]))
