@@ -11,8 +11,8 @@ neither saw (raw text: newlines and indentation are scored too).
            its tokenizer (6000-piece BPE, trained first and not timed), its data defaults (whole files cut into
            shuffled pieces), its schedule, its periodic evaluation and checkpoints. train.steps is sized to the
            budget from a short calibration run (on a shared machine the load changes, so the time it then takes
-           is measured, and is what the peer gets). Scored by `text_perplexity` (`jaxllm eval ppl
-           --window=256`) in windows of the 256-token rows it trained on, as the peer is.
+           is measured, and is what the peer gets). Scored by `text_perplexity` (`jaxllm eval ppl`) in
+           windows of the 256-token rows it trained on, as the peer is.
   peer     transformers' GPT2LMHeadModel (nanoGPT's architecture) at 4 layers x 192, 6 heads, context 256,
            character-level (vocabulary: the training text's characters, plus one for unseen ones), torch with
            2 threads, nanoGPT's recipe: random 256-character windows, batch 16 (--peer_batch),
@@ -94,8 +94,8 @@ def run_jaxllm(budget_s: float, root: Path, heldout: str) -> dict:
     result = train(jaxllm_config(root / "run", steps, tok_path))
     train_s = time.perf_counter() - t0
     params, model_cfg, tpath = load_params(str(root / "run"))
-    # Windows of the rows it trained on (256 tokens), as the peer is scored: the tiny preset's max_seq_len (512),
-    # `eval ppl`'s default window, would also score positions 256-511, which training never reached.
+    # Windows of the rows it trained on, as the peer is scored. The tiny config's context is its row length, so
+    # this is `eval ppl`'s default; said here so that a --set variant is never scored past what it trained at.
     ppl = text_perplexity(params, model_cfg, load_tokenizer(tpath), heldout, window=cfg.data.seq_len)
     from jaxllm.tokenizer.inspect import text_stats
     stats = text_stats(load_tokenizer(tpath), [heldout])
