@@ -320,7 +320,9 @@ def compiled_flops(cfg: Config) -> dict:
     one micro-batch, at 1 and at 2 layers: the difference is one layer's FLOPs, the rest is the embedding, head,
     loss and optimizer, and the L-layer step is their linear extrapolation (exact: layers are identical). Nothing
     is allocated; a 7B model costs two small compiles. A ratio near 1 means no wasted compute; remat recompute,
-    repeated K/V or masked-out attention blocks all raise it."""
+    repeated K/V or masked-out attention blocks all raise it. Compiled for a CPU, the xla attention never forms
+    the scores above each query block's diagonal (attention.py), as causal flash kernels skip them, so a step
+    without remat can come in a few % under the formula, which counts every score."""
     from jaxllm.model.spec import flops_per_token
 
     model = _model_for_plan(cfg)

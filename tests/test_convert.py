@@ -80,16 +80,21 @@ def test_sharded_checkpoint_loads_through_index_and_writes_shards(tmp_path):
     np.testing.assert_allclose(jax_logits(again, cfg, tokens), torch_logits(model, tokens), atol=1e-4, rtol=0)
 
 
-def test_packed_documents_match_hf_on_each_document_alone(tmp_path):
+# (first document, second document) lengths; 150 + 106 is a full 256-token row, the first document crossing the
+# boundary of the blocks of 128 queries that the xla attention runs on a CPU (each against its prefix of keys).
+@pytest.mark.parametrize("lengths", [(11, 9), (150, 106)])
+def test_packed_documents_match_hf_on_each_document_alone(tmp_path, lengths):
     """Document masking against an independent reference: without segment ids the second document's logits
     differ by ~9. (RoPE scores depend only on relative positions, so once masking holds, restarting positions
     changes nothing measurable; this test checks they are accepted, not that they matter.)"""
     model = save_hf_llama(tmp_path / "hf")
     params, cfg = convert.from_hf(tmp_path / "hf")
-    doc1, doc2 = random_tokens((1, 11), seed=2), random_tokens((1, 9), seed=3)
-    packed = np.concatenate([doc1, doc2], axis=1)                                   # (1, 20)
-    segment_ids = np.array([[1] * 11 + [2] * 9])
-    positions = np.array([list(range(11)) + list(range(9))])
+    assert cfg.attention_block == 128 and cfg.max_seq_len == 256
+    (n1, n2) = lengths
+    doc1, doc2 = random_tokens((1, n1), seed=2), random_tokens((1, n2), seed=3)
+    packed = np.concatenate([doc1, doc2], axis=1)                                   # (1, n1 + n2)
+    segment_ids = np.array([[1] * n1 + [2] * n2])
+    positions = np.array([list(range(n1)) + list(range(n2))])
     got = jax_logits(params, cfg, packed, segment_ids=jnp.asarray(segment_ids), positions=jnp.asarray(positions))
     expected = np.concatenate([torch_logits(model, doc1), torch_logits(model, doc2)], axis=1)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)

@@ -40,16 +40,34 @@ def numpy_attention(q, k, v, seg, pos, slopes=None):
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("alibi", [False, True])
-def test_xla_attention_matches_numpy_reference(kv_heads, alibi):
+@pytest.mark.parametrize("query_block", [None, 2, 3])   # blocks of queries against their prefix of keys; 3 leaves a
+def test_xla_attention_matches_numpy_reference(kv_heads, alibi, query_block):   # short last block
     rng = np.random.default_rng(0)
     q = rng.normal(size=(2, 7, 4, 8)).astype(np.float32)
     k = rng.normal(size=(2, 7, kv_heads, 8)).astype(np.float32)
     v = rng.normal(size=(2, 7, kv_heads, 8)).astype(np.float32)
     seg = np.array([[1, 1, 1, 2, 2, 3, 0], [1, 1, 1, 1, 1, 1, 1]], np.int32)
     pos = np.array([[0, 1, 2, 0, 1, 0, 0], list(range(7))], np.int32)
-    got = xla_attention(q, k, v, seg, seg, pos, pos, alibi)
+    got = xla_attention(q, k, v, seg, seg, pos, pos, alibi, query_block=query_block)
     want = numpy_attention(q, k, v, seg, pos, np.asarray(alibi_slopes(4)) if alibi else None)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def test_query_blocks_give_the_unsplit_attention_and_gradients():
+    """Training differentiates through the blocks: their gradients must be the unsplit attention's."""
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.normal(size=(2, 12, 4, 8)).astype(np.float32) for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]                                              # GQA: 2 kv heads
+    seg = np.array([[1] * 5 + [2] * 6 + [0], [1] * 12], np.int32)
+    pos = np.array([list(range(5)) + list(range(6)) + [0], list(range(12))], np.int32)
+    weights = rng.normal(size=(2, 12, 4, 8)).astype(np.float32)
+
+    def grads(block):
+        loss = lambda q, k, v: jnp.sum(xla_attention(q, k, v, seg, seg, pos, pos, False, query_block=block) * weights)
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    for split, whole in zip(grads(4), grads(None)):
+        np.testing.assert_allclose(np.asarray(split), np.asarray(whole), atol=1e-5)
 
 
 def test_alibi_slopes_hand_computed():
