@@ -393,7 +393,8 @@ def format_plan(p: dict, chip: str | None = None, compiled: dict | None = None, 
     if flops:
         lines.append(f"compiled train step (XLA cost analysis, {flops['backend']}): {flops['xla_flops']:.4g} FLOPs "
                      f"for {flops['tokens']} tokens; PaLM model FLOPs {flops['model_flops']:.4g}; ratio "
-                     f"{flops['ratio']:.3f} (1 = no wasted compute; remat recompute and masked attention raise it)")
+                     f"{flops['ratio']:.3f} (1 = the formula's count; remat recompute raises it; on a CPU the "
+                     f"attention never forms each query block's future keys, which lowers it)")
     if chip:
         verdict = "fits" if fits(p, chip, compiled) else "DOES NOT FIT"
         lines.append(f"{chip}: {CHIPS[chip]} GB per device -> {verdict} "
