@@ -322,7 +322,7 @@ def compiled_flops(cfg: Config) -> dict:
     is allocated; a 7B model costs two small compiles. A ratio near 1 means no wasted compute; remat recompute,
     repeated K/V or masked-out attention blocks all raise it. Compiled for a CPU, the xla attention never forms
     the scores above each query block's diagonal (attention.py), as causal flash kernels skip them, so a step
-    without remat can come in a few % under the formula, which counts every score."""
+    without remat comes in under the formula, which counts every score (0.89 for tinyllama-1.1b at 2048 tokens)."""
     from jaxllm.model.spec import flops_per_token
 
     model = _model_for_plan(cfg)

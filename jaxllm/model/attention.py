@@ -50,9 +50,9 @@ def attention(q, k, v, *, q_segment_ids, k_segment_ids, q_positions, k_positions
     if impl == "auto":
         log_choice_once(f"attention_impl='auto' uses {name!r}: {why}")
     if name == "xla":
-        # On a CPU, blocks of `block` queries run the attention of a 256-token row 2.5x faster and of a 2048-token
-        # row 3x faster (benchmarks/RESULTS.md, 2026-12-04); on an accelerator the fallback stays one computation
-        # rather than length / block small matmuls (not measured there: its fast path is a flash kernel).
+        # On a CPU, blocks of `block` queries run the tiny model's train step 2.0x / 2.6x faster at 1024 / 2048-token
+        # rows (1.05x at 256; benchmarks/RESULTS.md, 2026-12-04); on an accelerator the fallback stays one
+        # computation rather than length / block small matmuls (not measured there: its fast path is a flash kernel).
         return xla_attention(q, k, v, q_segment_ids, k_segment_ids, q_positions, k_positions, alibi,
                              query_block=block if platform == "cpu" else None)
     if name == "cudnn":
