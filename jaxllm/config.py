@@ -49,7 +49,8 @@ class ModelConfig:
     compute_dtype: str = "float32"  # matmul precision ("bfloat16" on accelerators)
     attention_impl: str = "auto"    # "auto" (per call: the fastest kernel that can run, else xla) | "xla" |
                                     # "cudnn" (GPU, bf16/fp16) | "pallas" (Triton flash, GPU) | "splash" (TPU)
-    attention_block: int = 128      # tile of the pallas/splash kernels (multiple of 128); lengths are padded to it
+    attention_block: int = 128      # tile of the pallas/splash kernels (multiple of 128); lengths are padded to it;
+                                    # on a CPU, the xla attention's blocks of queries
     remat: str = "none"             # "none" | "full" | "dots" | "attn_out"
     scan_layers: bool = True        # lax.scan over stacked layers (fast compile) or a Python loop
     valid_vocab_size: int = 0       # ids >= this are padding rows (logits masked); 0 = all rows are real tokens

@@ -8,7 +8,7 @@ import pytest
 
 from jaxllm import plan_memory
 from jaxllm.cli import load_config
-from jaxllm.model.spec import matmul_params
+from jaxllm.model.spec import flops_per_token, matmul_params
 
 
 def _cfg(*overrides):
@@ -27,10 +27,11 @@ def test_xla_flops_match_the_palm_formula_and_remat_shows_its_recompute():
     ratios = {remat: run["ratio"] for remat, run in runs.items()}
     # On a CPU the xla attention runs blocks of queries against only their prefix of keys (attention.py): of the
     # scores PaLM's formula counts it forms (n + 1) / 2n, n = seq_len / attention_block blocks (3/4 here).
-    model, seq_len = _cfg().model, _cfg().data.seq_len
+    cfg = _cfg()
+    model, seq_len = cfg.model, cfg.data.seq_len
     n = seq_len // model.attention_block
     assert n == 2
-    attention = 12 * model.num_layers * model.num_heads * model.head_dim * seq_len      # per token
+    attention = flops_per_token(model, seq_len) - 6 * matmul_params(model)          # PaLM's 12·L·H·Q·T, per token
     formed = 6 * matmul_params(model) + attention * (n + 1) / (2 * n)
     # Without remat the compiled step does those FLOPs (plus the loss, norms and optimizer: a few %).
     assert 0.98 < runs["none"]["xla_flops"] / (formed * runs["none"]["tokens"]) < 1.06, runs["none"]

@@ -42,8 +42,8 @@ def attention(q, k, v, *, q_segment_ids, k_segment_ids, q_positions, k_positions
     segment ids and positions: (batch, length) int32. Returns (batch, q_length, heads, head_dim).
 
     impl: "xla", "cudnn", "pallas", "splash" or "auto" (see `kernels.choose_kernel`, which logs auto's choice
-    once); block: the flash kernels' tile, lengths are padded to a multiple; platform: the platform to choose
-    for (default: jax's default backend)."""
+    once); block: the flash kernels' tile, lengths are padded to a multiple (on a CPU, the xla attention's blocks
+    of queries); platform: the platform to choose for (default: jax's default backend)."""
     platform = platform or jax.default_backend()
     name, why = choose_kernel(impl, dtype=q.dtype, q_len=q.shape[1], k_len=k.shape[1], head_dim=q.shape[-1],
                               alibi=alibi, platform=platform, block=block)
